@@ -1,0 +1,29 @@
+"""The command line shared by the entry points: `--config` (an ml_collections
+config file, every key overridable as `--config.a.b=v`) and `--workdir`.
+
+jax.distributed starts here, before anything touches a device, and a bad
+config or input ends the program with one sentence instead of a traceback.
+"""
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from rrcm_jax import parallel
+
+
+def run(main, argv, workdir_help="directory for checkpoints, logs and metrics (local or gs://)"):
+  config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py[:arg])",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, workdir_help)
+  flags.mark_flags_as_required(["config", "workdir"])
+
+  def checked_main(args):
+    parallel.initialize_distributed()
+    try:
+      main(args)
+    except (ValueError, FloatingPointError, FileNotFoundError) as e:
+      print(f"error: {e}", file=sys.stderr, flush=True)
+      sys.exit(2)
+
+  app.run(checked_main, argv)
