@@ -80,7 +80,10 @@ def pretrain_config(total_steps, batch_size, lr, weight_decay, warmup_divisor,
   config.ema_rate = ema_rate              # the separately kept "EMA model"
   config.temperature = 0.2                # InfoNCE τ
   config.denoiser = denoiser_config()
-  config.mesh = ml_collections.ConfigDict(dict(fsdp=False))
+  config.mesh = ml_collections.ConfigDict(dict(
+      fsdp=False,             # shard parameters and optimizer state over "data" too
+      fsdp_min_size=2 ** 14,  # arrays smaller than this stay replicated
+  ))
   config.log_every = 50
   config.save_every = 10_000              # kept checkpoints
   config.latest_every = 1_000             # the frequent "latest" checkpoint (only the newest kept)

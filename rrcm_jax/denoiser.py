@@ -25,8 +25,8 @@ def pixels_to_model(x):
   Args:
     x: uint8 images in [0, 255] or floating images in [0, 1], any shape.
   """
-  if jnp.issubdtype(x.dtype, jnp.integer):
-    return x.astype(jnp.float32) / 127.5 - 1.0
+  if jnp.issubdtype(x.dtype, jnp.integer):   # as torchvision's ToTensor, then Normalize
+    x = x.astype(jnp.float32) / 255.0
   return (x.astype(jnp.float32) - 0.5) / 0.5
 
 

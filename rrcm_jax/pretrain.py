@@ -85,7 +85,8 @@ def create_state(config, model, tx, mesh):
                                          with_target=True, with_ema=True)
 
   abstract = jax.eval_shape(init)
-  shardings = parallel.state_shardings(abstract, mesh, fsdp=config.mesh.fsdp)
+  shardings = parallel.state_shardings(abstract, mesh, fsdp=config.mesh.fsdp,
+                                       min_size=config.mesh.fsdp_min_size)
   return jax.jit(init, out_shardings=shardings)(), shardings
 
 
@@ -115,7 +116,7 @@ def make_train_step(config, model, tx, mesh, shardings):
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, state.target_params, state.batch_stats, state.target_batch_stats,
         views, noise, index, num_scales)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     scale = schedules.clip_scale(grad_norm, step, optim.warmup_steps, optim.grad_clip)
     grads = jax.tree.map(lambda g: g * scale, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -130,7 +131,7 @@ def make_train_step(config, model, tx, mesh, shardings):
         ema_params=ema(state.ema_params, params, config.ema_rate))
     metrics = dict(loss=loss, contrast=jnp.mean(aux["contrast"]),
                    consistency=jnp.mean(aux["consistency"]), grad_norm=grad_norm,
-                   param_norm=optax.global_norm(params),
+                   param_norm=optax.tree.norm(params),
                    lr=schedules.learning_rate(step, optim.lr, optim.warmup_steps,
                                               config.total_steps),
                    target_ema=mu, num_scales=num_scales, grid_index=index)
@@ -143,12 +144,15 @@ def make_train_step(config, model, tx, mesh, shardings):
 # ----------------------------------------------------------------------------
 # The loop.
 # ----------------------------------------------------------------------------
-def _first_nonfinite(pending):
-  """(step, metrics) of the first pending step whose loss is not finite, or None."""
+def check_finite(pending, ckpt):
+  """Raises at the first pending step whose loss, gradient or new parameters are not
+  finite (before that state can be checkpointed)."""
   for step, m in pending:
-    if not math.isfinite(float(m["loss"])):
-      return step, m
-  return None
+    values = {k: float(m[k]) for k in ("loss", "grad_norm", "param_norm")}
+    if not all(math.isfinite(v) for v in values.values()):
+      raise FloatingPointError(
+          f"training diverged at step {step} ({', '.join(f'{k}={v}' for k, v in values.items())}); "
+          f"the last good checkpoint (step {ckpt.latest_step()}) in {ckpt.directory} is intact.")
 
 
 def _default_batches(config, start_step):
@@ -203,11 +207,7 @@ def train(config, workdir, batches=None, mesh=None, stop_after=None):
       done = step + 1
       stop = watcher.should_stop(done) or done == last
       if done % config.log_every == 0 or ckpt.manager.should_save(done) or stop:
-        bad = _first_nonfinite(pending)
-        if bad is not None:
-          raise FloatingPointError(
-              f"the loss became {float(bad[1]['loss'])} at step {bad[0]}; the last good "
-              f"checkpoint (step {ckpt.latest_step()}) in {ckpt.directory} is intact.")
+        check_finite(pending, ckpt)
         elapsed = time.time() - window_start
         row = {k: float(v) for k, v in pending[-1][1].items()}
         row["images_per_s"] = config.batch_size * window_steps / max(elapsed, 1e-9)

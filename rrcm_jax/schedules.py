@@ -27,11 +27,15 @@ def num_scales(step, total_steps, start_scales=20, end_scales=80):
 
 
 def target_ema(step, decay_steps, start=0.99, end=0.9999, A=15.0):
-  """The "sigmoid" target-network EMA rate μ(k) (SPEC; never quite reaches `end`)."""
-  step = jnp.asarray(step, jnp.float32)
-  e = jnp.where(step < decay_steps,
-                jnp.sqrt(step / decay_steps * (end ** 2 - start ** 2) + start ** 2), end)
-  c = 2.0 / (1.0 + jnp.exp(-A * (e - start) / (end - start))) - 1.0
+  """The "sigmoid" target-network EMA rate μ(k) (SPEC; never quite reaches `end`).
+
+  e − μ0 is computed as frac·(μ1² − μ0²)/(e + μ0): the direct difference of two
+  numbers near 1 loses most float32 digits, which A/(μ1 − μ0) then amplifies.
+  """
+  frac = jnp.minimum(jnp.asarray(step, jnp.float32) / decay_steps, 1.0)
+  e = jnp.sqrt(frac * (end ** 2 - start ** 2) + start ** 2)
+  e_minus_start = frac * (end ** 2 - start ** 2) / (e + start)
+  c = 2.0 / (1.0 + jnp.exp(-A * e_minus_start / (end - start))) - 1.0
   return c * end + (1.0 - c) * start
 
 
