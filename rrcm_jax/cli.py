@@ -6,7 +6,7 @@ config or input ends the program with one sentence instead of a traceback.
 """
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from rrcm_jax import parallel
@@ -19,6 +19,8 @@ def run(main, argv, workdir_help="directory for checkpoints, logs and metrics (l
   flags.mark_flags_as_required(["config", "workdir"])
 
   def checked_main(args):
+    if not flags.FLAGS["verbosity"].present:   # Orbax logs every save at INFO
+      logging.set_verbosity(logging.WARNING)
     parallel.initialize_distributed()
     try:
       main(args)
@@ -26,4 +28,13 @@ def run(main, argv, workdir_help="directory for checkpoints, logs and metrics (l
       print(f"error: {e}", file=sys.stderr, flush=True)
       sys.exit(2)
 
-  app.run(checked_main, argv)
+  def parse(args):   # an unknown or ill-typed key becomes one sentence, not a traceback
+    try:
+      return flags.FLAGS(args)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+      message = " ".join(str(e).replace("\\n", " ").replace("'", "").replace("\\", "").strip('" ').split())
+      print(f"error: bad command line: {message} (keys and types are those of the config file "
+            "given with --config).", file=sys.stderr, flush=True)
+      sys.exit(2)
+
+  app.run(checked_main, argv, flags_parser=parse)
