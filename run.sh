@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# rrcm-jax in one command.
+#
+#   ./run.sh            the main job on Fashion-MNIST, end to end: set-up (virtualenv,
+#                       install, offline data preparation), pre-training, consistency
+#                       fine-tuning, certification of a test subset, report. Demo sizes;
+#                       interrupted, it picks up where it stopped.
+#   ./run.sh test       the test suite (what CI runs).
+#   ./run.sh setup      only the set-up.
+#
+# Environment: RRCM_WORKDIR (default workdirs/demo), RRCM_SIGMA (default 0.25),
+# PYTHON (default python3), RRCM_VENV (default .venv).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+VENV=${RRCM_VENV:-.venv}
+WORKDIR=${RRCM_WORKDIR:-workdirs/demo}
+SIGMA=${RRCM_SIGMA:-0.25}
+export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
+
+stamp() { printf '\n=== %s  %s\n' "$(date +%H:%M:%S)" "$*"; }
+
+setup() {
+  local t0=$SECONDS
+  if [ ! -x "$VENV/bin/python" ]; then
+    stamp "creating the virtualenv $VENV"
+    "$PYTHON" -m venv "$VENV"
+  fi
+  if ! "$VENV/bin/python" -c "import rrcm_jax, tensorflow_datasets, pytest, torch" 2>/dev/null; then
+    stamp "installing rrcm-jax with its test, data and torch extras (first run only)"
+    "$VENV/bin/pip" install -q -U pip
+    # torch is only needed to read the authors' .pth checkpoints (and their tests); the CPU
+    # build is enough.
+    "$VENV/bin/pip" install -q -e ".[test,torch]" "torch==2.13.0" \
+      || "$VENV/bin/pip" install -q -e ".[test,torch]"
+  fi
+  if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      stamp "installing Fashion-MNIST (Debian package dataset-fashion-mnist)"
+      (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
+        || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null; })
+    else
+      echo "note: Fashion-MNIST files not found; the prepare step will say how to get them."
+    fi
+  fi
+  echo "set-up took $((SECONDS - t0)) s"
+}
+
+demo() {
+  setup
+  local py="$VENV/bin/python" t0=$SECONDS
+  stamp "preparing Fashion-MNIST for TFDS (offline)"
+  "$py" -m rrcm_jax.data.prepare fashion_mnist
+  stamp "1/4 pre-training (rRCM objective)"
+  "$py" -m rrcm_jax.pretrain --config=configs/fashion_mnist_pretrain.py \
+    --workdir="$WORKDIR/pretrain"
+  stamp "2/4 consistency fine-tuning at sigma=$SIGMA"
+  "$py" -m rrcm_jax.finetune --config=configs/fashion_mnist_finetune.py \
+    --workdir="$WORKDIR/finetune_sigma$SIGMA" --config.init_from="$WORKDIR/pretrain" \
+    --config.sigma="$SIGMA"
+  stamp "3/4 certification (demo size: 50 test images, n0=100, n=2000)"
+  "$py" -m rrcm_jax.certify --config=configs/fashion_mnist_certify.py \
+    --workdir="$WORKDIR/certify" --config.init_from="$WORKDIR/finetune_sigma$SIGMA" \
+    --config.sigma="$SIGMA" --config.n=2000 --config.every=200
+  stamp "4/4 report"
+  "$py" -m rrcm_jax.report "$WORKDIR/certify/certify_sigma$SIGMA.tsv" \
+    --plot "$WORKDIR/certified_accuracy.png" --csv "$WORKDIR/certified_accuracy.csv"
+  echo "pipeline took $((SECONDS - t0)) s after set-up; plot: $WORKDIR/certified_accuracy.png"
+}
+
+tests() {
+  setup
+  local py="$VENV/bin/python"
+  stamp "running the test suite"
+  "$py" -m pytest -n 2 -q --durations=15 tests/
+}
+
+case "${1:-demo}" in
+  demo) demo ;;
+  test) tests ;;
+  setup) setup ;;
+  *) echo "usage: ./run.sh [demo|test|setup] (got '$1')" >&2; exit 2 ;;
+esac
