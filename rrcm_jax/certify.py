@@ -1,0 +1,360 @@
+r"""Certification: randomized smoothing of a fine-tuned classifier, one Cohen-format line per image.
+
+  python -m rrcm_jax.certify --config=configs/fashion_mnist_certify.py \
+      --workdir=workdirs/fmnist/certify --config.init_from=workdirs/fmnist/finetune \
+      --config.sigma=0.25 --config.n=10000 --config.num_images=100
+
+The classifier is a fine-tuning workdir's checkpoint (`config.checkpoint`:
+"last" or a best_* one) or the authors' PyTorch classifier
+(`config.torch_checkpoint=PATH.pth`). The log <workdir>/<mode>_sigma<sigma>.tsv
+(`log_path`) gets one flushed line per image; a restart skips the images
+already logged and never truncates the log. The settings it was made with
+(classifier, sigma, n0, n, alpha, seed, images) are kept beside it in .json,
+and a restart with other settings stops with one sentence. At the end the
+report table (`rrcm_jax.report`) is printed and written beside the log (.md).
+
+Several processes (jax.distributed, `parallel.initialize_distributed`): image
+k of the subset goes to process k % P, which samples on a mesh of its local
+devices and writes <log>.p<k>; process 0 merges the parts. The noise of test
+image i is keyed by i itself (`smoothing.Sampler`), so the log does not
+depend on the number of processes, devices or the chunk size.
+
+Units: sigma is the pixel-space noise std for images in [0, 1]; the
+classifier sees (x + sigma * eps - 0.5) / 0.5, model-space std 2 * sigma, and
+is conditioned at the grid point nearest 2 * sigma. Radii are pixel-space L2.
+"""
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+from etils import epath
+from jax.experimental import multihost_utils
+
+from rrcm_jax import certlog, classify, models, parallel, pretrain, report, smoothing
+from rrcm_jax import workdir as workdir_lib
+
+MODES = ("certify", "predict")
+SUBSETS = ("every", "first")
+TORCH_NUM_SCALES = 81   # N of the authors' released checkpoints (SPEC "Noise-level grid")
+DTYPES = ("float32", "bfloat16")
+
+
+# ----------------------------------------------------------------------------
+# Config checks: before anything is loaded, compiled or written.
+# ----------------------------------------------------------------------------
+def validate_config(config):
+  """Raises ValueError with one sentence naming the bad key and what is allowed."""
+  sigma = config.sigma
+  if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
+    raise ValueError(f"config.sigma={sigma} must be a number > 0 (the pixel-space noise std; "
+                     "the classifier sees 2*sigma in model space).")
+  try:
+    smoothing.check_certify_args(n0=config.n0, n=config.n, alpha=config.alpha)
+  except ValueError as e:
+    raise ValueError(f"config.{e}") from None
+  if config.mode not in MODES:
+    raise ValueError(f"config.mode must be one of {MODES}, got {config.mode!r}.")
+  if config.subset not in SUBSETS:
+    raise ValueError(f"config.subset must be one of {SUBSETS}, got {config.subset!r}.")
+  for key in ("every", "num_images", "chunk_size"):
+    if not (isinstance(config[key], int) and config[key] >= 1):
+      raise ValueError(f"config.{key}={config[key]!r} must be an integer >= 1.")
+  if (config.init_from is None) == (config.torch_checkpoint is None):
+    raise ValueError("give exactly one classifier: config.init_from (a fine-tuning workdir) or "
+                     "config.torch_checkpoint (the authors' .pth), got "
+                     f"init_from={config.init_from!r}, torch_checkpoint={config.torch_checkpoint!r}.")
+  if config.dtype not in (None,) + DTYPES:
+    raise ValueError(f"config.dtype must be None (the classifier's) or one of {DTYPES}, "
+                     f"got {config.dtype!r}.")
+  if config.num_scales is not None and config.num_scales < 2:
+    raise ValueError(f"config.num_scales={config.num_scales} must be at least 2 (or None).")
+  models.validate_model_config(config.model)
+
+
+def log_path(config, workdir):
+  """<workdir>/certify_sigma0.25.tsv (or predict_...): several sigmas share a workdir."""
+  return os.path.join(str(workdir), f"{config.mode}_sigma{float(config.sigma)}.tsv")
+
+
+def _stem(path):
+  return path[:-len(".tsv")] if path.endswith(".tsv") else path
+
+
+# ----------------------------------------------------------------------------
+# The classifier.
+# ----------------------------------------------------------------------------
+def _with_dtype(model_cfg, dtype):
+  model_cfg = model_cfg.copy_and_resolve_references()
+  with model_cfg.unlocked():
+    model_cfg.dtype = dtype or model_cfg.dtype
+  return model_cfg
+
+
+def _check_data(config, image_size, channels, num_classes, source):
+  for key, saved in (("image_size", image_size), ("channels", channels),
+                     ("num_classes", num_classes)):
+    if config.data[key] != saved:
+      raise ValueError(f"{source} holds a classifier for {key} {saved}, but config.data.{key} is "
+                       f"{config.data[key]}; use the config of the data it was trained on.")
+
+
+def _finetuned_classifier(config, mesh):
+  """(model, params, N, denoiser config, record) of a fine-tuning workdir's checkpoint."""
+  from rrcm_jax import finetune  # pylint: disable=g-import-not-at-top  (heavier imports)
+  source = f"config.init_from={config.init_from}"
+  workdir, _ = classify.resolve_checkpoint(config.init_from)
+  saved = classify.read_config(workdir)
+  if "task" not in saved:
+    raise ValueError(f"{source} is not a fine-tuning workdir (its config.json has no task); "
+                     "certify the classifier that rrcm_jax.finetune wrote.")
+  classify.check_architecture(saved.model, config.model, source)
+  _check_data(config, saved.model.image_size, saved.model.channels, saved.data.num_classes, source)
+  model, params, info = finetune.load_classifier(workdir, config.checkpoint, mesh)
+  if config.num_scales not in (None, info["num_scales"]):
+    raise ValueError(f"config.num_scales={config.num_scales} differs from N={info['num_scales']} "
+                     f"that {source} was trained with; leave it unset.")
+  model_cfg = _with_dtype(info["model"], config.dtype)
+  if model_cfg.dtype != info["model"].dtype:
+    model = models.classifier(model_cfg, info["num_classes"], info["final_norm"])
+  record = dict(source=_absolute(str(workdir)), checkpoint=config.checkpoint, step=info["step"],
+                dtype=model_cfg.dtype, num_scales=info["num_scales"], task=info["task"],
+                trained_sigma=info["sigma"], final_norm=info["final_norm"],
+                train_flops=info["train_flops"])
+  return model, params, info["num_scales"], info["denoiser"], record
+
+
+def _torch_classifier(config):
+  """(model, params, N, denoiser config, record) of the authors' fine-tuned PyTorch classifier."""
+  from rrcm_jax import torch_import  # pylint: disable=g-import-not-at-top
+  path = config.torch_checkpoint
+  if not os.path.isfile(path):
+    raise ValueError(f"config.torch_checkpoint={path} is not a file.")
+  model_cfg = _with_dtype(config.model, config.dtype)
+  model = models.classifier(model_cfg, config.data.num_classes, config.final_norm)
+  try:
+    state_dict = torch_import.load_torch_checkpoint(path, config.torch_network,
+                                                    trusted=config.torch_trusted)
+  except ImportError as e:
+    raise ValueError(str(e)) from None
+  variables = torch_import.load_variables(state_dict, model, pretrain.sample_inputs(model_cfg),
+                                          kind="classifier")
+  num_scales = config.num_scales or TORCH_NUM_SCALES
+  record = dict(source=_absolute(path), checkpoint=config.torch_network or "default",
+                step=None, dtype=model_cfg.dtype, num_scales=num_scales, task="torch",
+                trained_sigma=None, final_norm=config.final_norm)
+  return model, variables["params"], num_scales, config.denoiser, record
+
+
+def load_smoothing_classifier(config, mesh):
+  """(logits_fn(params, x_model) for the sampler, params, record of what is certified)."""
+  if config.init_from is not None:
+    model, params, num_scales, denoiser_cfg, record = _finetuned_classifier(config, mesh)
+  else:
+    model, params, num_scales, denoiser_cfg, record = _torch_classifier(config)
+  logits_fn = classify.make_smoothing_logits_fn(model, num_scales, config.sigma, denoiser_cfg)
+  return logits_fn, params, record
+
+
+def _absolute(path):
+  return path if "://" in path else os.path.abspath(path)
+
+
+# ----------------------------------------------------------------------------
+# The log and its settings.
+# ----------------------------------------------------------------------------
+def run_settings(config, classifier):
+  """What a log's rows depend on: a restart must use the same (num_images may grow)."""
+  settings = dict(mode=config.mode, sigma=float(config.sigma), n=config.n,
+                  alpha=float(config.alpha), seed=config.seed, data=config.data.name,
+                  split=config.data.eval_split, subset=config.subset)
+  if config.mode == "certify":
+    settings["n0"] = config.n0
+  if config.subset == "every":
+    settings["every"] = config.every
+  return dict(settings, classifier=classifier)
+
+
+def check_settings(path, settings):
+  """One sentence when the log at `path` was made with other settings."""
+  sidecar = epath.Path(_stem(path) + ".json")
+  if not sidecar.exists():
+    return
+  saved = json.loads(sidecar.read_text())["settings"]
+  flat = lambda s: dict({k: v for k, v in s.items() if k != "classifier"},
+                        **{f"classifier.{k}": v for k, v in s["classifier"].items()
+                           if k != "train_flops"})
+  saved, ours = flat(saved), flat(settings)
+  for key in sorted(set(saved) | set(ours)):
+    if saved.get(key) != ours.get(key):
+      raise ValueError(f"{path} was made with {key}={saved.get(key)!r}, this run has "
+                       f"{ours.get(key)!r}; restart with the same settings or use another workdir.")
+
+
+def logged_indices(path, mode):
+  """Image indices already in the log or in any per-process part of it (all must be Cohen logs)."""
+  done = set()
+  for source in [path] + certlog.part_paths(path):
+    if not os.path.exists(source) or os.path.getsize(source) == 0:
+      continue
+    log = certlog.read_log(source)
+    if log["mode"] != mode:
+      raise ValueError(f"{source} is a {log['mode']}-mode log, but config.mode is {mode!r}; "
+                       "use another workdir or the matching mode.")
+    done.update(int(i) for i in log["idx"])
+  return done
+
+
+def select_images(config):
+  """[(index in the split, uint8 image [S, S, C], label)]: the config's subset."""
+  from rrcm_jax.data import pipelines  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  if config.subset == "first":
+    return pipelines.certification_subset(config.data, split=config.data.eval_split,
+                                          first=config.num_images)
+  return pipelines.certification_subset(config.data, split=config.data.eval_split,
+                                        every=config.every)[:config.num_images]
+
+
+# ----------------------------------------------------------------------------
+# Certifying.
+# ----------------------------------------------------------------------------
+def certify_image(sampler, params, config, index, image, label):
+  """CERTIFY (or PREDICT) one image uint8 [H, W, C]: the LogWriter.write arguments."""
+  start = time.time()
+  if config.mode == "certify":
+    predictions, radii = smoothing.certify_batch(sampler, params, image[None], [index],
+                                                 config.n0, config.n, config.alpha)
+    prediction, radius = int(predictions[0]), float(radii[0])
+  else:
+    prediction = int(smoothing.predict_batch(sampler, params, image[None], [index], config.n,
+                                             config.alpha)[0])
+    radius = None
+  return dict(idx=index, label=label, predict=prediction, correct=prediction == label,
+              seconds=time.time() - start, radius=radius)
+
+
+def _local_mesh_and_chunk(config):
+  devices = jax.local_devices()
+  mesh = parallel.make_mesh(devices)
+  return mesh, -(-config.chunk_size // len(devices)) * len(devices)   # counts do not depend on it
+
+
+def _barrier(name):
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def _write_records(workdir, path, config, settings):
+  """Process 0: the settings beside the log, and the run in config.json / runs.jsonl."""
+  if jax.process_index() != 0:
+    return
+  sidecar = epath.Path(_stem(path) + ".json")
+  if not sidecar.exists():
+    sidecar.write_text(json.dumps(dict(settings=settings), indent=2) + "\n")
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.classifier = settings["classifier"]
+  workdir_lib.record_run(workdir, config)
+
+
+def certify_images(sampler, params, config, images, writer, already_done=0):
+  """Certifies `images` [(index, image, label)] into `writer`, with a progress bar
+  (images done, noisy samples classified per second, ETA)."""
+  per_image = config.n + (config.n0 if config.mode == "certify" else 0)
+  total = already_done + len(images)
+  progress = workdir_lib.Progress(total, "images", start=already_done)
+  start, warm = time.time(), None
+  for count, (index, image, label) in enumerate(images, start=1):
+    row = certify_image(sampler, params, config, index, image, label)
+    writer.write(row["idx"], row["label"], row["predict"], row["correct"], row["seconds"],
+                 radius=row["radius"])
+    if count == 1:   # the first image pays for compilation: the rate counts the others
+      rate, warm = per_image / row["seconds"], time.time()
+    else:
+      rate = (count - 1) * per_image / max(time.time() - warm, 1e-9)
+    progress.update(already_done + count, samples_s=round(rate, 1))
+
+
+def write_report(config, path, classifier):
+  """Process 0: the report table of the log, printed and written to <log>.md."""
+  log = certlog.read_log(path)
+  table = report.markdown_table([f"sigma={float(config.sigma)}"], [log])
+  images = (f"every {config.every}-th image of {config.data.eval_split}"
+            if config.subset == "every" else f"the first ones of {config.data.eval_split}")
+  header = (f"{config.mode.upper()} of {classifier['source']} ({classifier['checkpoint']}, "
+            f"{classifier['dtype']}), sigma {float(config.sigma)} (pixel space), "
+            f"n0 {config.n0}, n {config.n}, alpha {config.alpha}; {len(log['idx'])} images: "
+            f"{images}.")
+  text = f"{header}\n\n{table}\n"
+  epath.Path(_stem(path) + ".md").write_text(text)
+  print(text, flush=True)
+  return text
+
+
+def run(config, workdir, images=None):
+  """Certifies (or resumes) the config's images into `log_path(config, workdir)`.
+
+  Args:
+    images: optional [(index, uint8 image [S, S, C], label)], all processes'
+      images in subset order; default `select_images(config)`.
+
+  Returns:
+    dict(log=path, certified=images certified by this process in this call,
+    skipped=images of this process already logged, report=table (process 0) or None).
+  """
+  validate_config(config)
+  path = log_path(config, workdir)
+  done = logged_indices(path, config.mode)
+  mesh, chunk_size = _local_mesh_and_chunk(config)
+  logits_fn, params, classifier = load_smoothing_classifier(config, mesh)
+  settings = run_settings(config, classifier)
+  check_settings(path, settings)
+  images = select_images(config) if images is None else images
+  mine = images[jax.process_index()::jax.process_count()]   # image k -> process k % P
+  todo = [item for item in mine if item[0] not in done]
+  _barrier("rrcm_certify_checked")   # every process has read the logs before anyone writes
+  workdir_lib.ensure_writable(workdir)
+  _write_records(workdir, path, config, settings)
+  _announce(config, len(images), len(mine), len(todo), chunk_size)
+  sampler = smoothing.Sampler(logits_fn, _num_classes(params), config.sigma,
+                              chunk_size=chunk_size, mesh=mesh, seed=config.seed)
+  part = certlog.process_log_path(path, jax.process_index(), jax.process_count())
+  with certlog.LogWriter(part, config.mode) as writer:
+    certify_images(sampler, params, config, todo, writer, already_done=len(mine) - len(todo))
+  _barrier("rrcm_certify_done")
+  table = None
+  if jax.process_index() == 0:
+    if jax.process_count() > 1 or certlog.part_paths(path):
+      certlog.merge_logs(path)
+    table = write_report(config, path, classifier)
+  return dict(log=path, certified=len(todo), skipped=len(mine) - len(todo), report=table)
+
+
+def _announce(config, num_images, num_mine, num_todo, chunk_size):
+  if jax.process_index() != 0:
+    return
+  if num_images < config.num_images and config.subset == "every":
+    print(f"note: every {config.every}-th image of {config.data.eval_split} gives only "
+          f"{num_images} images (config.num_images={config.num_images}).", flush=True)
+  print(f"{config.mode} at sigma {float(config.sigma)}: {num_images} images over "
+        f"{jax.process_count()} process(es); this one has {num_mine}, {num_mine - num_todo} "
+        f"already logged; {jax.local_device_count()} local device(s), chunk {chunk_size}.",
+        flush=True)
+
+
+def _num_classes(params):
+  return int(params["head"]["bias"].shape[-1])
+
+
+def main(argv):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  del argv
+  run(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  from rrcm_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main, sys.argv)
