@@ -24,23 +24,23 @@ def certify_config(finetune, *, sigma, every, num_images, chunk_size=1000):
   """Everything `rrcm_jax.certify` reads. The data, model and denoiser sections
   are the fine-tuning config `finetune`'s; a checkpoint must match them."""
   config = ml_collections.ConfigDict()
-  config.seed = 0                       # the noise of sample j of test image i: fold_in(key(seed), i, stream, j)
+  config.seed = 0                       # noise of sample j of image i: key(seed) with i, stream, j
   # The classifier: a fine-tuning workdir, or the authors' PyTorch checkpoint.
   config.init_from = FieldReference(None, field_type=str)        # fine-tuning workdir
-  config.checkpoint = "last"            # "last", or "best_clean", "best_noisy_0.5", ... of init_from
-  config.torch_checkpoint = FieldReference(None, field_type=str)  # a .pth instead (needs torch)
-  config.torch_network = FieldReference(None, field_type=str)     # its network key; None: the first known
+  config.checkpoint = "last"            # "last", or "best_clean", "best_noisy_0.5", ...
+  config.torch_checkpoint = FieldReference(None, field_type=str)  # or a .pth (needs torch)
+  config.torch_network = FieldReference(None, field_type=str)     # its network; None: first known
   config.torch_trusted = False          # unpickle arbitrary objects (only files you trust)
   config.num_scales = FieldReference(None, field_type=int)  # N; None: init_from's, 81 for a .pth
   config.final_norm = finetune.final_norm   # used for a .pth only (init_from records its own)
-  config.dtype = FieldReference(None, field_type=str)  # compute dtype; None: the classifier's own
+  config.dtype = FieldReference(None, field_type=str)  # compute dtype; None: the classifier's
   # Randomized smoothing (SPEC "Certification").
   config.sigma = float(sigma)           # pixel-space noise std
   config.mode = "certify"               # "certify" or "predict"
   config.n0 = 100                       # selection samples (CERTIFY)
   config.n = 100_000                    # estimation samples (PREDICT: all its samples)
   config.alpha = 0.001
-  config.chunk_size = chunk_size        # noisy samples per device call (rounded up to the local devices)
+  config.chunk_size = chunk_size        # noisy samples per call (rounded up to the local devices)
   # Which test images: every k-th (Cohen et al.) or the first num_images (the rRCM code).
   config.subset = "every"               # "every" or "first"
   config.every = every
@@ -54,4 +54,4 @@ def certify_config(finetune, *, sigma, every, num_images, chunk_size=1000):
 def get_config(arg=None):
   sigma = fashion_mnist_finetune.parse_sigma(arg, default=0.25)
   return certify_config(fashion_mnist_finetune.get_config(str(sigma)), sigma=sigma, every=100,
-                        num_images=100, chunk_size=2000)
+                        num_images=100)

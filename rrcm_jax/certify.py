@@ -30,11 +30,10 @@ import sys
 import time
 
 import jax
-import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from rrcm_jax import certlog, classify, models, parallel, pretrain, report, smoothing
+from rrcm_jax import certlog, classify, finetune, models, parallel, pretrain, report, smoothing
 from rrcm_jax import workdir as workdir_lib
 
 MODES = ("certify", "predict")
@@ -65,8 +64,8 @@ def validate_config(config):
       raise ValueError(f"config.{key}={config[key]!r} must be an integer >= 1.")
   if (config.init_from is None) == (config.torch_checkpoint is None):
     raise ValueError("give exactly one classifier: config.init_from (a fine-tuning workdir) or "
-                     "config.torch_checkpoint (the authors' .pth), got "
-                     f"init_from={config.init_from!r}, torch_checkpoint={config.torch_checkpoint!r}.")
+                     "config.torch_checkpoint (the authors' .pth), got init_from="
+                     f"{config.init_from!r}, torch_checkpoint={config.torch_checkpoint!r}.")
   if config.dtype not in (None,) + DTYPES:
     raise ValueError(f"config.dtype must be None (the classifier's) or one of {DTYPES}, "
                      f"got {config.dtype!r}.")
@@ -104,13 +103,16 @@ def _check_data(config, image_size, channels, num_classes, source):
 
 def _finetuned_classifier(config, mesh):
   """(model, params, N, denoiser config, record) of a fine-tuning workdir's checkpoint."""
-  from rrcm_jax import finetune  # pylint: disable=g-import-not-at-top  (heavier imports)
   source = f"config.init_from={config.init_from}"
   workdir, _ = classify.resolve_checkpoint(config.init_from)
   saved = classify.read_config(workdir)
   if "task" not in saved:
     raise ValueError(f"{source} is not a fine-tuning workdir (its config.json has no task); "
                      "certify the classifier that rrcm_jax.finetune wrote.")
+  checkpoints = ["last"] + sorted(p.name for p in workdir.iterdir() if p.name.startswith("best_"))
+  if config.checkpoint not in checkpoints:
+    raise ValueError(f"config.checkpoint={config.checkpoint!r} is not in {config.init_from}; "
+                     f"choose one of {checkpoints}.")
   classify.check_architecture(saved.model, config.model, source)
   _check_data(config, saved.model.image_size, saved.model.channels, saved.data.num_classes, source)
   model, params, info = finetune.load_classifier(workdir, config.checkpoint, mesh)

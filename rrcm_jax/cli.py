@@ -32,7 +32,10 @@ def run(main, argv, workdir_help="directory for checkpoints, logs and metrics (l
     try:
       return flags.FLAGS(args)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-      message = " ".join(str(e).replace("\\n", " ").replace("'", "").replace("\\", "").strip('" ').split())
+      text = str(e)
+      if "Traceback" in text:   # an exception inside the config file: keep its last line
+        text = [l for l in text.replace("\\n", "\n").splitlines() if l.strip()][-1]
+      message = " ".join(text.replace("\\n", " ").replace("'", "").replace("\\", "").strip('" ').split())
       print(f"error: bad command line: {message} (keys and types are those of the config file "
             "given with --config).", file=sys.stderr, flush=True)
       sys.exit(2)

@@ -187,7 +187,7 @@ def train(config, workdir, batches=None, mesh=None, stop_after=None):
     return state
   if jax.process_index() == 0:
     n = models.count_params(state.params)
-    print(f"pre-training {n:,} parameters on {jax.device_count()} device(s), "
+    print(f"pre-training {n:,} parameters on {mesh.devices.size} device(s), "
           f"{'resuming at' if start else 'starting at'} step {start}", flush=True)
 
   step_fn = make_train_step(config, model, tx, mesh, shardings)

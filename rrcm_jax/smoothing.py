@@ -30,6 +30,7 @@ SELECTION_STREAM = 0   # CERTIFY's n0 samples that pick the class
 ESTIMATION_STREAM = 1  # CERTIFY's n samples that bound its probability
 PREDICTION_STREAM = 2  # PREDICT's n samples
 ABSTAIN = -1
+MAX_IN_FLIGHT = 8      # chunks dispatched ahead of the device before waiting
 
 
 class Sampler:
@@ -136,9 +137,13 @@ class Sampler:
     counts = np.zeros((images.shape[0], self.num_classes), np.int32)
     counts, start, stream, num_device, sigma = self.replicate(
         (counts, np.int32(0), np.int32(stream), np.int32(num), np.float32(self.sigma)))
-    for _ in range(0, num, chunk_size):  # dispatched without waiting; no host transfer per chunk
+    for k, _ in enumerate(range(0, num, chunk_size)):  # no host transfer per chunk
       counts, start = chunk_fn(params, counts, start, images, indices, self.key, stream, num_device,
                                sigma)
+      # At most MAX_IN_FLIGHT chunks queued: XLA:CPU aborts ("termination timeout for all
+      # reduce") when dozens of collective programs wait on several devices.
+      if k % MAX_IN_FLIGHT == MAX_IN_FLIGHT - 1:
+        counts.block_until_ready()
     return counts
 
   def sample_counts(self, params, images, indices, stream, num):

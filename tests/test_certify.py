@@ -142,6 +142,10 @@ def test_restart_with_other_settings_is_refused(classifier_dir, tmp_path):
     certify.run(tiny_certify_config(classifier_dir, n=128), str(tmp_path))
   with pytest.raises(ValueError, match="classifier.checkpoint='last'"):
     certify.run(tiny_certify_config(classifier_dir, checkpoint="best_clean"), str(tmp_path))
+  with pytest.raises(ValueError, match="classifier.dtype='float32', this run has 'bfloat16'"):
+    certify.run(tiny_certify_config(classifier_dir, dtype="bfloat16"), str(tmp_path))
+  with pytest.raises(ValueError, match="config.checkpoint='best_x' is not in"):
+    certify.run(tiny_certify_config(classifier_dir, checkpoint="best_x"), str(tmp_path))
   assert path.read_bytes() == before
 
 
