@@ -1,0 +1,1 @@
+"""Experiments that chain the rrcm-jax entry points into a study (see experiments/README.md)."""

@@ -1,0 +1,139 @@
+"""The replication experiment: its configs, its equal FLOP budgets, the ViT's size, the
+stage plan, and a --quick run end to end (with a resuming re-run)."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from configs import fashion_mnist_replication as rep
+from experiments import replication
+from rrcm_jax import classify
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+STAGE_OF = {"rrcm": "consistency", "gaussian": "finetune", "consistency": "consistency"}
+
+
+def all_args():
+  args = []
+  for quick in ("", ":quick"):
+    args.append("pretrain" + quick)
+    args += [f"{stage}:{sigma}{quick}" for stage in ("certify",) + rep.METHODS
+             for sigma in rep.SIGMAS]
+  return args
+
+
+@pytest.mark.parametrize("arg", all_args())
+def test_config_builds_for_every_arg(arg):
+  config = rep.get_config(arg)
+  assert config.seed == rep.SEED
+  assert config.model.width == 128 and config.model.patch_size == 7
+  stage = arg.split(":")[0]
+  if stage in rep.METHODS:
+    assert config.sigma == float(arg.split(":")[1])
+    assert config.init_from is None    # the CLI call gives rRCM its pre-training workdir
+    assert config.task == ("finetune" if stage == "gaussian" else "consistency")
+    assert config.train_head == (stage != "rrcm")
+    assert config.optim.layer_decay == (0.75 if stage == "rrcm" else 1.0)
+
+
+@pytest.mark.parametrize("arg", ["", "pretrain:0.25", "rrcm", "rrcm:0.3", "certify:0.25:fast",
+                                 "linear:0.25"])
+def test_bad_arg_is_one_sentence(arg):
+  with pytest.raises(ValueError, match="config argument"):
+    rep.get_config(arg)
+
+
+def test_certification_protocol():
+  config = rep.get_config("certify:0.5")
+  assert (config.n0, config.n, config.alpha) == (100, 10_000, 0.001)
+  assert config.subset == "every" and config.every == 50 and config.num_images == 200
+  assert config.data.eval_split == "test" and config.sigma == 0.5 and config.mode == "certify"
+
+
+def test_vit_forward_is_at_most_20m_multiply_adds():
+  model = rep.get_config("pretrain").model
+  macs = classify.forward_flops(model, rep.NUM_CLASSES) / 2
+  assert macs <= 20e6
+  assert macs == 14_589_184          # the size the config's docstring states
+  assert (model.width, model.depth, model.num_heads, model.image_size, model.channels) == (
+      128, 4, 4, 28, 1)
+
+
+@pytest.mark.parametrize("sigma", rep.SIGMAS)
+def test_every_method_gets_the_same_training_flops(sigma):
+  pre = rep.get_config("pretrain")
+  pretrain = classify.training_flops("pretrain", pre.model, pre.total_steps * pre.batch_size)
+  flops = {}
+  for method in rep.METHODS:
+    config = rep.get_config(f"{method}:{sigma}")
+    images = config.epochs * config.steps_per_epoch * config.batch_size
+    flops[method] = classify.training_flops(STAGE_OF[method], config.model, images,
+                                            config.data.num_classes)
+  flops["rrcm"] += pretrain
+  assert max(flops.values()) / min(flops.values()) - 1 < 0.01, flops
+  assert flops["rrcm"] == pytest.approx(rep.budget_flops())
+  assert pretrain > flops["rrcm"] / 2     # most of rRCM's budget is its pre-training
+
+
+def test_plan_shares_one_pretraining_and_certifies_after_training():
+  stages = replication.plan("/r", [0.25, 0.5], list(rep.METHODS), quick=False,
+                            data="fashion_mnist")
+  names = [s.name for s in stages]
+  assert names[:2] == ["prepare", "pretrain"] and names.count("pretrain") == 1
+  assert len(names) == 2 + 2 * 6
+  for sigma in (0.25, 0.5):
+    for method in rep.METHODS:
+      assert names.index(f"{method}_sigma{sigma}") < names.index(f"certify_{method}_sigma{sigma}")
+  rrcm = stages[names.index("rrcm_sigma0.5")]
+  assert rrcm.init_from == "/r/pretrain"
+  assert "--config=configs/fashion_mnist_replication.py:rrcm:0.5" in rrcm.argv()
+  cert = stages[names.index("certify_gaussian_sigma0.25")]
+  assert f"--config.init_from={replication.finetune_dir('/r', 'gaussian', 0.25)}" in cert.argv()
+  only = [s.name for s in replication.plan("/r", [0.5], ["gaussian"], quick=True, data="synthetic")]
+  assert only == ["gaussian_sigma0.5", "certify_gaussian_sigma0.5"]
+
+
+def test_bad_options_are_one_sentence(capsys):
+  for argv in (["--root", "x", "--methods", "rrcm,cohen"], ["--root", "x", "--sigmas", "0.3"]):
+    with pytest.raises(SystemExit):
+      replication.parse_args(argv)
+  assert "--sigmas must be" in capsys.readouterr().err
+
+
+def run_quick(root):
+  env = dict(os.environ, XLA_FLAGS="", PYTHONUNBUFFERED="1",
+             JAX_COMPILATION_CACHE_DIR=str(REPO / ".jax_cache"))
+  return subprocess.run(
+      [sys.executable, "-m", "experiments.replication", f"--root={root}", "--sigmas=0.25",
+       "--methods=rrcm", "--quick", "--data=synthetic"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_quick_run_end_to_end_then_resumes(tmp_path):
+  root = tmp_path / "replication"
+  proc = run_quick(root)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  records = [json.loads(line) for line in (root / "stages.jsonl").read_text().splitlines()]
+  done = {r["stage"]: r for r in records if r["status"] == "done"}
+  assert set(done) == {"pretrain", "rrcm_sigma0.25", "certify_rrcm_sigma0.25"}
+  assert all(r["seed"] == 0 and r["wall_s"] > 0 for r in done.values())
+  assert done["rrcm_sigma0.25"]["command"].startswith(
+      "python -m rrcm_jax.finetune --config=configs/fashion_mnist_replication.py:rrcm:0.25:quick")
+  summary = (root / "summary.md").read_text()
+  assert "## σ = 0.25" in summary and "| r = 1.5 | ACR |" in summary
+  assert "| rRCM (pre-training + consistency fine-tuning) | 3 |" in summary
+  assert "pending" not in summary
+  assert (root / "certified_sigma0.25.png").stat().st_size > 0
+
+  again = run_quick(root)   # everything complete: every stage skipped, the summary rewritten
+  assert again.returncode == 0, again.stderr[-3000:]
+  records = [json.loads(line) for line in (root / "stages.jsonl").read_text().splitlines()]
+  assert [r["status"] for r in records[-3:]] == ["skipped"] * 3
+  assert (root / "summary.md").exists()
+
+  other = subprocess.run([sys.executable, "-m", "experiments.replication", f"--root={root}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert other.returncode == 2 and "Use another --root" in other.stderr
