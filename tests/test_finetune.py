@@ -96,6 +96,12 @@ def pretrain_dir(tmp_path_factory):
   return workdir
 
 
+def _init_params(config):
+  model = classify.build_classifier(config)
+  return jax.jit(lambda: model.init(jax.random.key(0), *pretrain.sample_inputs(config.model)))()[
+      "params"]
+
+
 # ----------------------------------------------------------------------------
 # Noise conditioning, optimizer, FLOPs.
 # ----------------------------------------------------------------------------
@@ -108,20 +114,19 @@ def test_noise_levels_follow_spec():
       "clean", "noisy_0.5", "noisy_1.0", "noisy_2.0"]
   config = tiny_config()
   model = classify.build_classifier(config)
-  params = model.init(jax.random.key(0), *pretrain.sample_inputs(config.model))["params"]
+  params = _init_params(config)
   x = jax.random.normal(jax.random.key(1), (3, 8, 8, 1))
   # The certification logits at pixel σ = 0.25 condition on grid point 53 (nearest 2σ = 0.5).
-  smoothing = classify.make_smoothing_logits_fn(model, 81, 0.25, d)(params, x)
+  smoothing = jax.jit(classify.make_smoothing_logits_fn(model, 81, 0.25, d))(params, x)
   sigma_53 = float(denoiser.karras_sigma(53, 81))
-  manual = model.apply({"params": params}, denoiser.c_in(sigma_53) * x,
-                       jnp.full((3,), denoiser.time_condition(sigma_53)))
+  manual = jax.jit(model.apply)({"params": params}, denoiser.c_in(sigma_53) * x,
+                                jnp.full((3,), denoiser.time_condition(sigma_53)))
   np.testing.assert_allclose(smoothing, manual, rtol=1e-5, atol=1e-6)
 
 
 def test_layer_ids_weight_decay_and_layer_scales():
   config = tiny_config()
-  params = classify.build_classifier(config).init(
-      jax.random.key(0), *pretrain.sample_inputs(config.model))["params"]
+  params = _init_params(config)
   ids = {"/".join(getattr(k, "key", "") for k in path): classify.layer_id(path, 2)
          for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
   assert ids["vit/cls_token"] == ids["vit/pos_embed"] == ids["vit/patch_embed/kernel"] == 0
@@ -138,7 +143,7 @@ def test_layer_ids_weight_decay_and_layer_scales():
   config.train_head = True
   tx, lr = classify.make_optimizer(config, 10, finetune.TASKS["consistency"](config).trains)
   grads = jax.tree.map(jnp.ones_like, params)
-  updates, _ = tx.update(grads, tx.init(params), params)
+  updates, _ = jax.jit(lambda g, p: tx.update(g, tx.init(p), p))(grads, params)
   peak = 1e-3 * 16 / 256
   assert float(lr(0)) == pytest.approx(peak)
   for name, layer in (("patch_embed", 0), ("blocks_0", 1), ("blocks_1", 2)):
@@ -297,8 +302,7 @@ def test_evaluation_counts_every_example_once_whatever_the_batch():
   config = tiny_config()
   model = classify.build_classifier(config)
   mesh = parallel.make_mesh()
-  params = model.init(jax.random.key(0), *pretrain.sample_inputs(config.model))["params"]
-  params = jax.device_put(params, parallel.replicated(mesh))
+  params = jax.device_put(_init_params(config), parallel.replicated(mesh))
   shardings = jax.tree.map(lambda _: parallel.replicated(mesh), params)
   step = classify.make_eval_step(model, 81, [0.0, 1.0], config.denoiser, mesh, shardings)
   calls = []
@@ -321,6 +325,7 @@ def test_paper_configs():
   assert (c.optim.layer_decay, c.consistency.lam, c.optim.weight_decay) == (0.65, 20.0, 0.0)
   assert cifar10_finetune.get_config("0.25").consistency.lam == 10.0
   assert not c.final_norm and c.augment == "none" and c.model.width == 768
+  assert not c.train_head and c.init_weights == "ema"      # the reference's choices
   rows = {s: imagenet_finetune.get_config(s) for s in ("0.25", "0.5", "1.0")}
   assert [(r.batch_size, r.epochs, r.augment, r.optim.lr) for r in rows.values()] == [
       (1024, 150, "autoaug", 2e-4), (2048, 50, "strong", 2e-4), (256, 150, "weak", 1e-4)]
