@@ -146,16 +146,7 @@ def test_target_and_ema_follow_their_rates(tmp_path):
                              rtol=1e-5, atol=1e-7)
 
 
-@pytest.fixture
-def no_persistent_cache():
-  """jaxlib 0.10.2 on CPU aborts in AllGatherThunk when it runs an FSDP step loaded from
-  the persistent compilation cache; compile those afresh."""
-  jax.config.update("jax_enable_compilation_cache", False)
-  yield
-  jax.config.update("jax_enable_compilation_cache", True)
-
-
-def test_fsdp_and_remat_give_the_same_numbers(tmp_path, no_persistent_cache):
+def test_fsdp_and_remat_give_the_same_numbers(tmp_path):
   config = tiny_config(total_steps=3)
   base = _run(config, tmp_path / "dp", mesh=parallel.make_mesh())
   config_fsdp = tiny_config(total_steps=3, remat=True)
