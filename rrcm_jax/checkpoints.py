@@ -7,6 +7,7 @@ good). Orbax writes into a temporary directory and renames it when complete,
 so an interrupted write is never restored. With several processes every
 process calls `save`; Orbax writes each array once, cooperatively.
 """
+import os
 import signal
 
 import jax
@@ -15,12 +16,18 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 
+def absolute(workdir):
+  """Orbax wants absolute paths: a relative local workdir is made absolute, gs:// kept."""
+  workdir = str(workdir)
+  return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
+
+
 class Checkpointer:
   """Saves and restores `{state, meta}`; `meta` is a JSON-able dict."""
 
   def __init__(self, workdir, save_every=None, latest_every=None, subdir="checkpoints",
                keep=1):
-    self.directory = epath.Path(workdir) / subdir
+    self.directory = absolute(workdir) / subdir
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=latest_every or save_every or 1, max_to_keep=keep,
         keep_period=save_every, create=True, enable_async_checkpointing=True)
