@@ -198,6 +198,14 @@ def test_impossible_configs_stop_before_compiling(key, value, match, tmp_path):
   assert not (tmp_path / "x").exists()
 
 
+def test_relative_workdir_checkpoints_and_resumes(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)   # Orbax needs absolute paths; the Checkpointer makes them
+  config = tiny_config(total_steps=2)
+  _run(config, "relative/run", stop_after=1)
+  assert int(_run(config, "relative/run").step) == 2
+  assert checkpoints.Checkpointer(tmp_path / "relative/run").latest_step() == 2
+
+
 def test_unwritable_workdir_is_named(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("")
