@@ -1,0 +1,138 @@
+"""The benchmarks' --quick modes run and write their JSON; the FLOP counts they divide by.
+
+Figures are not asserted (the machine is shared); structure, FLOP formulas,
+the absence of recompilation and the memory accounting are.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from benchmarks import matmul, memory, sampler, scaling, train_step
+from rrcm_jax import classify
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+MACHINE_KEYS = {"cpu", "cores", "load_average", "backend", "device", "jax", "xla_flags"}
+
+
+def read(path):
+  data = json.loads(pathlib.Path(path).read_text())
+  assert MACHINE_KEYS <= set(data["machine"])
+  return data
+
+
+def test_cifar_forward_flops_are_the_issue_count():
+  """Width 192, depth 6, 66 tokens, patch 4: 185.8 M multiply-adds with attention."""
+  cfg = sampler.model_config("cifar")
+  d, tokens = 192, 66
+  per_block = tokens * d * (3 * d + d + 8 * d) + 2 * tokens * tokens * d
+  macs = 64 * 4 * 4 * 3 * d + 6 * per_block + d * 10
+  assert classify.forward_flops(cfg, 10) == 2 * macs == 371_611_392
+  assert classify.training_flops("pretrain", cfg, 1) == 12 * classify.forward_flops(
+      cfg, projection=True)
+
+
+def test_rcmb_forward_is_35_gflop():
+  flops = classify.forward_flops(sampler.model_config("rcmb"), 1000)
+  assert 35.0e9 < flops < 35.6e9
+
+
+def test_matmul_quick(tmp_path):
+  rows = matmul.main(["--quick", "--out", str(tmp_path / "m.json")])
+  data = read(tmp_path / "m.json")
+  assert [r["size"] for r in data["rows"]] == [128, 256] and len(rows) == 2
+  assert all(r["gflops"] > 0.1 for r in data["rows"])
+
+
+def test_sampler_quick_with_profile(tmp_path):
+  sampler.main(["--quick", "--profile", "--out", str(tmp_path / "s.json")])
+  data = read(tmp_path / "s.json")
+  assert [r["chunk"] for r in data["rows"]] == [8, 16]
+  for row in data["rows"]:
+    assert row["samples_per_s"] > 0 and 0 < row["fraction"] and row["forward_fraction"] > 0
+    assert row["fraction_cpu"] is not None and row["fraction_of_best"] > 0
+    assert row["traces"] == 1   # one chunk function, traced once for all timed calls
+  profile = data["profiles"][0]
+  assert abs(sum(profile["shares"].values()) - 1.0) < 1e-3
+  assert "matmul (+fused LN, bias, softmax)" in profile["shares"]
+  assert profile["xla_flops_per_call"] > 0.5 * profile["analytic_flops_per_call"]
+
+
+def test_agreement_of_a_classifier_with_itself_is_exact(monkeypatch):
+  """The agreement plumbing: float32 against float32 agrees on every noisy input."""
+  cfg = sampler.model_config("tiny")
+  from configs import common  # pylint: disable=g-import-not-at-top
+  from rrcm_jax import finetune, models  # pylint: disable=g-import-not-at-top
+  model = models.classifier(cfg, 10, False)
+  params = model.init(jax.random.key(0), np.zeros((1, 28, 28, 1), np.float32), np.zeros((1,)))
+  info = dict(model=cfg, num_classes=10, final_norm=False, num_scales=80,
+              denoiser=common.denoiser_config(), step=7)
+  monkeypatch.setattr(finetune, "load_classifier", lambda *a, **k: (model, params["params"], info))
+  images = np.random.default_rng(0).integers(0, 256, (3, 28, 28, 1), dtype=np.uint8)
+  same = sampler.agreement("unused", images, np.arange(3), samples=20, chunk=8,
+                           dtypes=("float32", "float32"))
+  assert same["agreement"] == 1.0 and same["noisy_inputs"] == 60
+  assert same["majority_votes_differ"] == 0
+  mixed = sampler.agreement("unused", images, np.arange(3), samples=20, chunk=8)
+  assert 0.0 <= mixed["agreement"] <= 1.0 and mixed["classifier_step"] == 7
+
+
+def test_train_step_quick_with_pipeline(tmp_path):
+  # One device: a pre-training step over 8 simulated CPU devices deadlocks in XLA's CPU
+  # collectives when its executable comes from the persistent compilation cache.
+  rows = train_step.main(["--quick", "--devices", "1", "--out", str(tmp_path / "t.json")])
+  data = read(tmp_path / "t.json")
+  on_device, piped = data["rows"]
+  assert on_device["mode"] == "on device" and on_device["images_per_s"] > 0
+  assert on_device["fraction"] > 0 and on_device["flops_per_image"] > 0
+  assert on_device["peak_gb"] > 0   # the compiled step's memory analysis
+  assert piped["mode"] == "with pipeline"
+  assert piped.get("images_per_s", 0) > 0 or "skipped" in piped
+  assert len(rows) == 2
+
+
+def test_scaling_quick_compiles_once(tmp_path):
+  result = scaling.main(["--quick", "--out", str(tmp_path / "c.json")])
+  data = read(tmp_path / "c.json")
+  assert [r["n"] for r in data["n_rows"]] == [200, 1000, 3000]
+  assert [r["images"] for r in data["image_rows"]] == [1, 2]
+  assert not data["recompiled"]
+  assert data["traces_after_first_image"] == data["traces_at_end"]
+  assert set(data["traces"].values()) == {1}   # each chunk size traced once
+  assert data["n_rows"][-1]["seconds"] > data["n_rows"][0]["seconds"]
+  assert result["fit_n"]["seconds_per_sample"] > 0
+
+
+def test_memory_quick_fsdp_shards_the_state(tmp_path):
+  memory.main(["--quick", "--out", str(tmp_path / "mem.json")])
+  rows = read(tmp_path / "mem.json")["rows"]
+  assert len(rows) == 2 and all(r["estimate"] for r in rows)   # CPU: always an estimate
+  plain, sharded = rows
+  assert not plain["fsdp"] and sharded["fsdp"] and plain["devices"] == 8
+  assert sharded["state_gb"] < 0.5 * plain["state_gb"]   # 8 devices: most of it / 8
+  assert sharded["peak_gb"] < plain["peak_gb"]
+  assert all(r["peak_gb"] >= r["state_gb"] > 0 for r in rows)
+
+
+def test_extrapolation_is_linear_in_depth():
+  figures = memory.extrapolate({1: dict(peak=10.0), 2: dict(peak=13.0)}, 12)
+  assert figures["peak"] == pytest.approx(43.0)
+
+
+def test_gpu_check_cpu_runs(tmp_path):
+  env = dict(os.environ, XLA_FLAGS="", PYTHON=sys.executable)
+  env.pop("OUT", None)
+  proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu", "--out", str(tmp_path)],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  data = read(tmp_path / "gpu_check.json")
+  stages = data["stages"]
+  assert {"matmul", "sampler_bfloat16", "sampler_float32", "train_step", "memory"} <= set(stages)
+  assert all("json" in stages[k] for k in ("matmul", "sampler_float32", "train_step", "memory"))
+  assert "skipped" in stages["agreement"]   # no classifier given
+  assert (tmp_path / "gpu_check.log").exists()
