@@ -54,17 +54,18 @@ def best_seconds(fn, repeats=5, warmup=1):
 def interleaved_best(fns, rounds=3, repeats=2):
   """{name: best Timing} of several blocking callables timed in turns.
 
-  Each round times every function `repeats` times, one after the other, so a
-  burst of load from other processes hits all of them alike; the minimum over
-  all rounds is kept. Each function is called once first (compilation,
-  warm-up) and that call is not timed.
+  Each round times every function `repeats` times (an int, or {name: int}),
+  one after the other, so a burst of load from other processes hits all of
+  them alike; the minimum over all rounds is kept. Each function is called
+  once first (compilation, warm-up) and that call is not timed.
   """
+  counts = repeats if isinstance(repeats, dict) else {name: repeats for name in fns}
   for fn in fns.values():
     fn()
   timings = {name: [] for name in fns}
   for _ in range(rounds):
     for name, fn in fns.items():
-      timings[name] += [timed(fn) for _ in range(repeats)]
+      timings[name] += [timed(fn) for _ in range(counts[name])]
   return {name: best(t) for name, t in timings.items()}
 
 

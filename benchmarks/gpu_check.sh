@@ -69,9 +69,11 @@ if [ -n "$CLASSIFIER" ]; then CLASSIFIER="$(cd "$CLASSIFIER" && pwd)"; fi   # Or
 if [ "$CPU" = 1 ]; then export JAX_PLATFORMS=cpu; fi
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}"
 export TF_CPP_MIN_LOG_LEVEL=2 PYTHONUNBUFFERED=1
-command -v nvidia-smi >/dev/null && [ "$CPU" = 0 ] && nvidia-smi -L | tee "$DIR/gpu_check.log"
+LOG="$DIR/gpu_check.log"
+: > "$LOG"
+command -v nvidia-smi >/dev/null && [ "$CPU" = 0 ] && nvidia-smi -L | tee -a "$LOG"
 
-"$PY" - "$CPU" "$CLASSIFIER" "$IMAGES" "$DIR" "$BUDGET" "$STAGES" <<'EOF' 2>&1 | tee -a "$DIR/gpu_check.log"
+"$PY" - "$CPU" "$CLASSIFIER" "$IMAGES" "$DIR" "$BUDGET" "$STAGES" <<'EOF' 2>&1 | tee -a "$LOG"
 import json, os, sys, tempfile, time, traceback
 
 cpu, classifier, images, out_dir = sys.argv[1] == "1", sys.argv[2], sys.argv[3], sys.argv[4]

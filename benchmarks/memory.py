@@ -31,12 +31,14 @@ if "jax" not in sys.modules:   # FSDP needs 8 devices; on CPU XLA can simulate t
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=8").strip()
 
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
+import numpy as np
 
-import benchmarks  # pylint: disable=g-import-not-at-top,wrong-import-position
-from configs import imagenet_pretrain_rcmb  # pylint: disable=g-import-not-at-top,wrong-import-position
-from rrcm_jax import checkpoints, models, parallel, pretrain, train_state  # pylint: disable=g-import-not-at-top,wrong-import-position
+import benchmarks
+from configs import imagenet_pretrain_rcmb
+from rrcm_jax import checkpoints, models, parallel, pretrain, train_state
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 GB = 1e9
 DEVICE_MEMORY_GB = 80.0   # H100 / A100 80 GB

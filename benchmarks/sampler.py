@@ -22,6 +22,7 @@ not depend on the weights. Writes benchmarks/results/sampler.json.
 """
 import argparse
 import collections
+import functools
 import glob
 import gzip
 import math
@@ -78,6 +79,11 @@ def build(name, dtype="float32", attention=None, seed=0):
   return cfg, logits_fn, params, classify.forward_flops(cfg, NUM_CLASSES[name])
 
 
+def _run_sampler(sampler, params, pixels, indices, num):
+  sampler.dispatch_counts(params, pixels, indices, smoothing.ESTIMATION_STREAM,
+                          num).block_until_ready()
+
+
 def measure(name, chunks, dtype="float32", attention=None, rounds=3, seconds=1.0, images=1,
             matmul_sizes=None):
   """Rows {model, chunk, samples_per_s, fraction, forward_...} for each chunk size.
@@ -102,12 +108,12 @@ def measure(name, chunks, dtype="float32", attention=None, rounds=3, seconds=1.0
     # Enough chunks per timing for about `seconds` of work at the matmul rate.
     calls = max(1, math.ceil(seconds * best_rate / (flops * chunk * images)))
     num = calls * chunk
-    run_sampler = lambda: sampler.dispatch_counts(  # pylint: disable=cell-var-from-loop
-        params, pixels, indices, smoothing.ESTIMATION_STREAM, num).block_until_ready()
     x_model = sampler.noisy_inputs(pixels, indices, smoothing.ESTIMATION_STREAM, 0, chunk)
-    run_forward = lambda: forward(params, x_model).block_until_ready()  # pylint: disable=cell-var-from-loop
-    t = benchmarks.interleaved_best(
-        dict(matmul=mm_fn, sampler=run_sampler, forward=run_forward), rounds=rounds)
+    runs = dict(
+        matmul=mm_fn,
+        sampler=functools.partial(_run_sampler, sampler, params, pixels, indices, num),
+        forward=lambda x=x_model: forward(params, x).block_until_ready())
+    t = benchmarks.interleaved_best(runs, rounds=rounds)
     best_rate = max(best_rate, mm_flops / t["matmul"].wall)
     rows.append(dict(
         model=name, dtype=dtype, chunk=chunk, images=images,
@@ -171,17 +177,21 @@ def kernel_kinds(hlo_text):
   return kinds
 
 
-def profile(fn, args, calls=4):
-  """Shares of executed thunk time by kernel kind for the jitted `fn(*args)`, and XLA's
-  cost analysis (flops, bytes accessed) per call."""
-  compiled = jax.jit(fn).lower(*args).compile()
+def profile(compiled, run_once, calls=4):
+  """Shares of executed thunk time by kernel kind of a compiled computation, and XLA's
+  cost analysis (flops, bytes accessed) per call.
+
+  Args:
+    compiled: `jax.jit(f).lower(...).compile()`: its HLO names the kernels.
+    run_once: runs `compiled` once and blocks (threads any donated state).
+  """
   kinds = kernel_kinds(compiled.as_text())
   for _ in range(2):
-    jax.block_until_ready(compiled(*args))
+    run_once()
   with tempfile.TemporaryDirectory() as tmp:
     jax.profiler.start_trace(tmp)
     for _ in range(calls):
-      jax.block_until_ready(compiled(*args))
+      run_once()
     jax.profiler.stop_trace()
     data = jax.profiler.ProfileData.from_file(
         glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)[0])
@@ -203,7 +213,8 @@ def profile(fn, args, calls=4):
 def profile_forward(name, chunk, dtype="float32", attention=None):
   cfg, logits_fn, params, flops = build(name, dtype, attention)
   x = jax.random.normal(jax.random.key(0), (chunk, cfg.image_size, cfg.image_size, cfg.channels))
-  out = profile(logits_fn, (params, x))
+  compiled = jax.jit(logits_fn).lower(params, x).compile()
+  out = profile(compiled, lambda: compiled(params, x).block_until_ready())
   out.update(model=name, chunk=chunk, analytic_flops_per_call=flops * chunk)
   return out
 

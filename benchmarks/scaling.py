@@ -11,9 +11,9 @@ cost does not depend on them), one image after another as
   * seconds per image for each n (and seconds per noisy sample: constant if
     the cost is linear in n), with a least-squares line a + b·n;
   * seconds for k images at the smallest n ≥ 10⁴ (linear in k);
-  * the process's peak resident memory (getrusage max RSS) after each n, and
-    on accelerators the device's peak bytes in use: flat in n, since only
-    chunk-size batches of noise ever exist;
+  * the process's peak resident memory (getrusage max RSS) after each n, the
+    bytes of live jax.Arrays, and on accelerators the device's peak bytes in
+    use: flat in n, since only chunk-size batches of noise ever exist;
   * `Sampler.trace_count` after the first image and at the end: equal (no
     recompilation per image, per n or per index).
 Writes benchmarks/results/scaling.json.
@@ -35,6 +35,11 @@ N0, ALPHA = 100, 0.001
 def max_rss_mb():
   """Peak resident set size of this process so far, MB (Linux reports KiB)."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def live_array_mb():
+  """MB held by live jax.Arrays (device buffers this process still references)."""
+  return sum(a.nbytes for a in jax.live_arrays()) / 2 ** 20
 
 
 def device_peak_mb():
@@ -74,7 +79,8 @@ def run(model, ns, image_counts, chunk):
     seconds = certify_seconds(sampler, params, images[:1], index, n)
     index += 1
     n_rows.append(dict(n=n, seconds=seconds, seconds_per_sample=seconds / (n + N0),
-                       max_rss_mb=max_rss_mb(), device_peak_mb=device_peak_mb(),
+                       max_rss_mb=max_rss_mb(), live_array_mb=live_array_mb(),
+                       device_peak_mb=device_peak_mb(),
                        load_average=benchmarks.load_average()))
   n_images = min([n for n in ns if n >= 10_000] or [max(ns)])
   image_rows = []
@@ -114,13 +120,15 @@ def main(argv=None):
       result["n_rows"] + result["image_rows"],
       [("n", "n", "{}"), ("images", "images", "{}"), ("seconds", "seconds", "{:.2f}"),
        ("seconds_per_sample", "s/sample", "{:.2e}"), ("seconds_per_image", "s/image", "{:.2f}"),
-       ("max_rss_mb", "max RSS MB", "{:.0f}"), ("device_peak_mb", "device peak MB", "{:.0f}"),
+       ("max_rss_mb", "max RSS MB", "{:.0f}"), ("live_array_mb", "live arrays MB", "{:.2f}"),
+       ("device_peak_mb", "device peak MB", "{:.0f}"),
        ("load_average", "load", "{:.2f}")]))
-  print(f"time = {result['fit_n']['intercept_s']:.3f} s + n x {result['fit_n']['seconds_per_sample']:.3e}"
-        f" s (r2 {result['fit_n']['r2']:.4f}); per image {result['fit_images']['seconds_per_image']:.3f}"
-        f" s (r2 {result['fit_images']['r2']:.4f}); max RSS growth over n "
-        f"{result['rss_growth_mb']:.1f} MB; traces after the first image "
-        f"{result['traces_after_first_image']}, at the end {result['traces_at_end']}")
+  fit_n, fit_images = result["fit_n"], result["fit_images"]
+  print(f"time = {fit_n['intercept_s']:.3f} s + n x {fit_n['seconds_per_sample']:.3e} s "
+        f"(r2 {fit_n['r2']:.4f}); per image {fit_images['seconds_per_image']:.3f} s "
+        f"(r2 {fit_images['r2']:.4f}); max RSS growth over n {result['rss_growth_mb']:.1f} MB; "
+        f"traces after the first image {result['traces_after_first_image']}, "
+        f"at the end {result['traces_at_end']}")
   path = benchmarks.write_results("scaling", result, args.out)
   print(f"wrote {path}")
   return result

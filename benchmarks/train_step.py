@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 import benchmarks
-from benchmarks import matmul
+from benchmarks import matmul, sampler
 from configs import cifar10_pretrain_rcmb, common, fashion_mnist_pretrain, imagenet_pretrain_rcmb
 from rrcm_jax import classify, models, parallel, pretrain
 
@@ -112,7 +112,9 @@ def on_device_row(name, config, mesh, steps, rounds, matmul_sizes):
   stepper = Stepper(step_fn, state, batch, steps)
   mm_dtype = "float32" if jax.default_backend() == "cpu" else config.model.dtype
   mm_fn, mm_flops = matmul.product_timer(matmul_sizes[0], mm_dtype)
-  t = benchmarks.interleaved_best(dict(matmul=mm_fn, step=stepper), rounds=rounds, repeats=1)
+  # A timed step call lasts seconds on a CPU, a matmul call a tenth: more matmul samples.
+  t = benchmarks.interleaved_best(dict(matmul=mm_fn, step=stepper), rounds=rounds,
+                                  repeats=dict(matmul=5, step=1))
   flops = classify.training_flops("pretrain", config.model, 1)
   images = config.batch_size * steps
   return dict(config=name, mode="on device", batch=config.batch_size, dtype=config.model.dtype,
@@ -121,6 +123,16 @@ def on_device_row(name, config, mesh, steps, rounds, matmul_sizes):
               **benchmarks.efficiency(images * flops, t["step"], mm_flops, t["matmul"]),
               matmul_gflops=mm_flops / t["matmul"].wall / 1e9, flops_per_image=flops,
               peak_gb=peak_gb, load_average=benchmarks.load_average()), stepper
+
+
+def profile_step(name, stepper):
+  """Where the step's time goes (`benchmarks.sampler.profile`), state threaded through."""
+  def run_once():
+    stepper.state, metrics = stepper.step_fn(stepper.state, stepper.batch, stepper.key)
+    jax.block_until_ready(metrics)
+  out = sampler.profile(stepper.step_fn, run_once, calls=2)
+  out.update(config=name, batch=stepper.batch["x"].shape[0])
+  return out
 
 
 def pipeline_row(name, config, mesh, stepper, steps, data_dir=None):
@@ -163,14 +175,15 @@ COLUMNS = [("config", "config", "{}"), ("mode", "mode", "{}"), ("batch", "batch"
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--configs", default="fashion_mnist,cifar")
-  parser.add_argument("--steps", type=int, default=4, help="steps per timed call")
-  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--steps", type=int, default=2, help="steps per timed call")
+  parser.add_argument("--rounds", type=int, default=4)
   parser.add_argument("--batch", type=int, default=None, help="per-device batch (override)")
   parser.add_argument("--dtype", default=None, choices=sorted(matmul.DTYPES))
   parser.add_argument("--remat", action="store_true", help="jax.checkpoint per block")
   parser.add_argument("--no-pipeline", action="store_true", help="skip the end-to-end rows")
   parser.add_argument("--data-dir", default=None, help="TFDS data_dir with the config's dataset")
   parser.add_argument("--devices", type=int, default=None, help="mesh size (default: all)")
+  parser.add_argument("--profile", action="store_true", help="where the step's time goes")
   parser.add_argument("--quick", action="store_true", help="tiny config, one round (tests)")
   parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results)")
   args = parser.parse_args(argv)
@@ -178,19 +191,24 @@ def main(argv=None):
   if args.quick:
     args.configs, args.steps, args.rounds, matmul_sizes = "tiny", 1, 1, (256,)
   mesh = parallel.make_mesh(jax.devices()[:args.devices] if args.devices else None)
-  rows = []
+  rows, profiles = [], []
   for name in args.configs.split(","):
     config = pretrain_config(name, args.batch, args.dtype, True if args.remat else None,
                              mesh.devices.size)
     row, stepper = on_device_row(name, config, mesh, args.steps, args.rounds, matmul_sizes)
     rows.append(row)
+    if args.profile:
+      profiles.append(profile_step(name, stepper))
     if not args.no_pipeline:
       rows.append(pipeline_row(name, config, mesh, stepper, args.steps * 2, args.data_dir))
   print(benchmarks.format_table([r for r in rows if "skipped" not in r], COLUMNS))
   for r in rows:
     if "skipped" in r:
       print(f"{r['config']} {r['mode']}: skipped, {r['skipped']}")
-  path = benchmarks.write_results("train_step", dict(rows=rows), args.out)
+  for p in profiles:
+    shares = ", ".join(f"{k} {v:.1%}" for k, v in p["shares"].items())
+    print(f"profile {p['config']} batch {p['batch']}: {shares}")
+  path = benchmarks.write_results("train_step", dict(rows=rows, profiles=profiles), args.out)
   print(f"wrote {path}")
   return rows
 
