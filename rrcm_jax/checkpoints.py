@@ -7,6 +7,7 @@ good). Orbax writes into a temporary directory and renames it when complete,
 so an interrupted write is never restored. With several processes every
 process calls `save`; Orbax writes each array once, cooperatively.
 """
+import math
 import os
 import signal
 
@@ -64,6 +65,17 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def check_finite(pending, ckpt, keys=("loss", "grad_norm", "param_norm")):
+  """Raises at the first of `pending` [(step, metrics)] whose loss, gradient norm or new
+  parameter norm is not finite, before that state can be checkpointed."""
+  for step, m in pending:
+    values = {k: float(m[k]) for k in keys if k in m}
+    if not all(math.isfinite(v) for v in values.values()):
+      raise FloatingPointError(
+          f"training diverged at step {step} ({', '.join(f'{k}={v}' for k, v in values.items())}); "
+          f"the last good checkpoint (step {ckpt.latest_step()}) in {ckpt.directory} is intact.")
 
 
 def abstract_like(tree, shardings=None):

@@ -17,7 +17,6 @@ certification CLI reads.
 import dataclasses
 import functools
 import json
-import math
 import sys
 import time
 from typing import Callable
@@ -270,14 +269,6 @@ def _resume_meta(workdir):
     ckpt.close()
 
 
-def _check_finite(pending, ckpt):
-  for step, m in pending:
-    if not math.isfinite(float(m["loss"])):
-      raise FloatingPointError(
-          f"the loss became {float(m['loss'])} at step {step}; the last good checkpoint "
-          f"(step {ckpt.latest_step()}) in {ckpt.directory} is intact.")
-
-
 def train(config, workdir, data=None, mesh=None, stop_after=None):
   """Fine-tunes (or resumes) in `workdir`; returns the final state.
 
@@ -354,7 +345,7 @@ def _loop(config, run, data, task, tx, lr_fn, state, shardings, steps_per_epoch,
       epoch_end = done % steps_per_epoch == 0
       stop = watcher.should_stop(done) or done == last
       if done % config.log_every == 0 or epoch_end or stop or run.ckpt.manager.should_save(done):
-        _check_finite(pending, run.ckpt)
+        checkpoints.check_finite(pending, run.ckpt)
         row = {k: float(v) for k, v in pending[-1][1].items()}
         elapsed = max(time.time() - window_start, 1e-9)
         row.update(images_per_s=config.batch_size * window_steps / elapsed,

@@ -8,7 +8,6 @@ The library functions (`create_state`, `make_train_step`, `train`) are what
 tests, notebooks and the other stages import.
 """
 import functools
-import math
 import sys
 import time
 
@@ -144,17 +143,6 @@ def make_train_step(config, model, tx, mesh, shardings):
 # ----------------------------------------------------------------------------
 # The loop.
 # ----------------------------------------------------------------------------
-def check_finite(pending, ckpt):
-  """Raises at the first pending step whose loss, gradient or new parameters are not
-  finite (before that state can be checkpointed)."""
-  for step, m in pending:
-    values = {k: float(m[k]) for k in ("loss", "grad_norm", "param_norm")}
-    if not all(math.isfinite(v) for v in values.values()):
-      raise FloatingPointError(
-          f"training diverged at step {step} ({', '.join(f'{k}={v}' for k, v in values.items())}); "
-          f"the last good checkpoint (step {ckpt.latest_step()}) in {ckpt.directory} is intact.")
-
-
 def _default_batches(config, start_step):
   from rrcm_jax.data import pipelines  # pylint: disable=g-import-not-at-top  (TF only here)
   return pipelines.pretrain_batches(config.data, global_batch_size=config.batch_size,
@@ -207,7 +195,7 @@ def train(config, workdir, batches=None, mesh=None, stop_after=None):
       done = step + 1
       stop = watcher.should_stop(done) or done == last
       if done % config.log_every == 0 or ckpt.manager.should_save(done) or stop:
-        check_finite(pending, ckpt)
+        checkpoints.check_finite(pending, ckpt)
         elapsed = time.time() - window_start
         row = {k: float(v) for k, v in pending[-1][1].items()}
         row["images_per_s"] = config.batch_size * window_steps / max(elapsed, 1e-9)
