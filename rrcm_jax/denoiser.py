@@ -54,16 +54,15 @@ def karras_sigmas(num_scales, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO)
 def nearest_grid_index(s, num_scales, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO):
   """argmin_j |σ_j − s| on the N-point grid for a model-space level s ≥ 0.
 
-  s = 0 maps to the last (cleanest) grid point N − 1. Computed in float64 on
-  the host (`s` and `num_scales` are Python numbers): the result is a
-  configuration constant, not a traced value.
+  s = 0 maps to the last (cleanest) grid point N − 1. `s` and `num_scales`
+  are Python numbers: the result is a configuration constant, not a traced
+  value.
   """
   if s < 0:
     raise ValueError(f"noise level must be >= 0, got {s}.")
-  lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
-  grid = (hi + np.arange(num_scales) / (num_scales - 1) * (lo - hi)) ** rho
   if s == 0:
     return num_scales - 1
+  grid = np.asarray(karras_sigmas(num_scales, sigma_min, sigma_max, rho), np.float64)
   return int(np.argmin(np.abs(grid - s)))
 
 
