@@ -47,6 +47,9 @@ def model_config(width=192, depth=6, num_heads=3, patch_size=4, image_size=32,
       init="vit",               # "vit" (trunc-normal 0.02) or "mocov3" (xavier-uniform, ImageNet)
       dtype="float32",          # compute dtype: "float32" or "bfloat16" (params stay float32)
       remat=False,              # jax.checkpoint per block (large configs)
+      # jax.nn.dot_product_attention implementation: None (XLA's choice), "xla" or "cudnn"
+      # (fused, GPU; +27 % sampler throughput for RCM-B in bfloat16 on an H200).
+      attention=ml_collections.FieldReference(None, field_type=str),
   ))
 
 

@@ -74,12 +74,12 @@ def test_agreement_of_a_classifier_with_itself_is_exact(monkeypatch):
               denoiser=common.denoiser_config(), step=7)
   monkeypatch.setattr(finetune, "load_classifier", lambda *a, **k: (model, params["params"], info))
   images = np.random.default_rng(0).integers(0, 256, (3, 28, 28, 1), dtype=np.uint8)
-  same = sampler.agreement("unused", images, np.arange(3), samples=20, chunk=8,
+  same = sampler.agreement("unused", images, np.arange(3), samples=12, chunk=8,
                            dtypes=("float32", "float32"))
-  assert same["agreement"] == 1.0 and same["noisy_inputs"] == 60
-  assert same["majority_votes_differ"] == 0
-  mixed = sampler.agreement("unused", images, np.arange(3), samples=20, chunk=8)
-  assert 0.0 <= mixed["agreement"] <= 1.0 and mixed["classifier_step"] == 7
+  assert same["agreement"] == 1.0 and same["noisy_inputs"] == 36   # chunks of 8 and 4
+  assert same["majority_votes_differ"] == 0 and same["classifier_step"] == 7
+  mixed = sampler.agreement("unused", images, np.arange(3), samples=8, chunk=8)
+  assert 0.0 <= mixed["agreement"] <= 1.0 and mixed["dtypes"] == ["float32", "bfloat16"]
 
 
 def test_train_step_quick_with_pipeline(tmp_path):
