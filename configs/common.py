@@ -26,6 +26,9 @@ def data_config(name="fashion_mnist", image_size=28, channels=1, num_classes=10)
       num_classes=num_classes,
       shuffle_buffer=10_000,
       cache=True,             # cache decoded images in memory (small datasets)
+      # pre-training: (min, max) area fraction of the two augmented views' random resized
+      # crops, the augmentation strength (SPEC: RandomResizedCrop's default (0.08, 1.0))
+      pretrain_crop_scale=(0.08, 1.0),
   ))
 
 

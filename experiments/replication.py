@@ -135,8 +135,11 @@ def append_record(root, **record):
     f.write(json.dumps(record) + "\n")
 
 
-def run_stage(root, stage, overrides, env, progress=""):
-  """Runs one stage to completion; records it. Raises Interrupted or RuntimeError."""
+def run_stage(root, stage, overrides, env, progress="", complete=None):
+  """Runs one stage to completion; records it. Raises Interrupted or RuntimeError.
+
+  complete: () -> whether the stage's output is complete (default `is_complete`).
+  """
   argv = stage.argv(overrides)
   command = shlex.join(["python", *argv[1:]])   # as typed in the repository root
   seed = None if stage.arg is None else stage.config().seed
@@ -152,7 +155,9 @@ def run_stage(root, stage, overrides, env, progress=""):
     proc.wait()
     append_record(root, status="interrupted", wall_s=round(time.time() - start, 1), **record)
     raise Interrupted(f"interrupted during {stage.name}; run the same command to resume.")
-  complete = returncode == 0 and is_complete(stage, [dict(stage=stage.name, status="done")])
+  if complete is None:
+    complete = lambda: is_complete(stage, [dict(stage=stage.name, status="done")])
+  complete = returncode == 0 and complete()
   status = "done" if complete else "failed" if returncode else "stopped"
   append_record(root, status=status, returncode=returncode, wall_s=round(time.time() - start, 1),
                 **record)

@@ -81,6 +81,16 @@ def test_pretrain_views_shapes_determinism_and_seed_dependence():
   assert (np.array_equal(views["x"], image) or np.array_equal(views["x"], image[:, ::-1]))
 
 
+def test_pretrain_crop_scale_sets_the_augmentation_strength():
+  image = _image(32, 32, 3)
+  whole = A.pretrain_geometry(image, SEED, 32, crop_scale=(1.0, 1.0))
+  for k in ("a1", "a2"):   # the whole (square) image, resized 32 -> 32: the image itself
+    np.testing.assert_array_equal(whole[k], image)
+  strong = A.pretrain_geometry(image, SEED, 32)
+  assert not np.array_equal(strong["a1"], image)
+  np.testing.assert_array_equal(strong["x"], whole["x"])
+
+
 def test_center_view_halves_then_resizes_and_crops_the_center():
   # A horizontal ramp 400 x 600 -> 100: the short side halves twice (400 -> 100), the long to 150,
   # then the center 100 columns are kept: columns 25..124 of the 150.

@@ -188,6 +188,7 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     ("batch_size", 12, "batch_size=12 must be divisible by the number of devices"),
     ("denoiser.sigma_min", 100.0, "sigma_min=100.0 must be positive and below"),
     ("data.image_size", 16, "data.image_size=16 must equal"),
+    ("data.pretrain_crop_scale", (0.0, 1.0), r"pretrain_crop_scale=\(0.0, 1.0\) must be"),
 ])
 def test_impossible_configs_stop_before_compiling(key, value, match, tmp_path):
   config = tiny_config()

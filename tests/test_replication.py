@@ -1,5 +1,6 @@
 """The replication experiment: its configs, its equal FLOP budgets, the ViT's size, the
-stage plan, and a --quick run end to end (with a resuming re-run)."""
+stage plan, and a --quick run end to end (with a resuming re-run), then the controlled
+runs (experiments.controls) on top of it."""
 import json
 import os
 import pathlib
@@ -9,6 +10,7 @@ import sys
 import pytest
 
 from configs import fashion_mnist_replication as rep
+from experiments import controls
 from experiments import replication
 from rrcm_jax import classify
 
@@ -103,13 +105,42 @@ def test_bad_options_are_one_sentence(capsys):
   assert "--sigmas must be" in capsys.readouterr().err
 
 
-def run_quick(root):
+def run_quick(root, module="experiments.replication", *flags):
   env = dict(os.environ, XLA_FLAGS="", PYTHONUNBUFFERED="1",
              JAX_COMPILATION_CACHE_DIR=str(REPO / ".jax_cache"))
+  flags = flags or ("--sigmas=0.25", "--methods=rrcm")
   return subprocess.run(
-      [sys.executable, "-m", "experiments.replication", f"--root={root}", "--sigmas=0.25",
-       "--methods=rrcm", "--quick", "--data=synthetic"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+      [sys.executable, "-m", module, f"--root={root}", *flags, "--quick", "--data=synthetic"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+
+
+def test_control_plans_change_one_thing():
+  plan = lambda name, certify=False: controls.stages("/c", "/r", name, certify)
+  (finetune, overrides, _), = plan("no_pretrain")
+  assert finetune.init_from is None and overrides == []
+  assert finetune.argv()[3] == "--config=configs/fashion_mnist_replication.py:rrcm:0.25"
+  (finetune, overrides, _), cert = plan("finetune_10ep", certify=True)
+  assert finetune.init_from == "/r/pretrain" and overrides == ["--config.epochs=10"]
+  assert cert[0].init_from == "/c/finetune_10ep_finetune" and cert[1] == []
+  (pre, overrides, steps), (finetune, _, _) = plan("pretrain_4x")
+  assert overrides == ["--config.total_steps=3200"] and steps == 3200
+  assert finetune.init_from == pre.workdir == "/c/pretrain_4x_pretrain"
+  assert plan("weak_crops")[0][1] == ["--config.data.pretrain_crop_scale=(0.35,1.0)"]
+  (pre, p_over, _), (_, f_over, _), (_, c_over, _) = plan("width_192", certify=True)
+  assert p_over == f_over == c_over == ["--config.model.width=192"]
+  (pre, overrides, steps), _ = controls.stages("/c", "/r", "scales_11", False, quick=True,
+                                               data_overrides=["--config.data.name=synthetic"])
+  assert pre.arg == "pretrain:quick" and steps == rep.SIZES[True].pretrain_steps
+  assert overrides[0] == "--config.data.name=synthetic"
+
+
+def test_bad_controls_are_one_sentence(capsys, tmp_path):
+  with pytest.raises(SystemExit):
+    controls.parse_args(["--root", "x", "--controls", "no_pretrain,bigger"])
+  assert "unknown: bigger." in capsys.readouterr().err
+  code = controls.main(["--root", str(tmp_path / "c"), "--replication", str(tmp_path / "none"),
+                        "--controls", "finetune_10ep"])
+  assert code == 2 and "has no complete pre-training" in capsys.readouterr().err
 
 
 def test_quick_run_end_to_end_then_resumes(tmp_path):
@@ -137,3 +168,22 @@ def test_quick_run_end_to_end_then_resumes(tmp_path):
   other = subprocess.run([sys.executable, "-m", "experiments.replication", f"--root={root}"],
                          cwd=REPO, capture_output=True, text=True, timeout=60)
   assert other.returncode == 2 and "Use another --root" in other.stderr
+
+  # The controlled runs on top of it: one with its own pre-training (an override), one
+  # reusing the replication's; both certified.
+  croot = tmp_path / "controls"
+  proc = run_quick(croot, "experiments.controls", f"--replication={root}",
+                   "--controls=weak_crops,finetune_10ep", "--certify")
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  records = [json.loads(line) for line in (croot / "stages.jsonl").read_text().splitlines()]
+  done = {r["stage"]: r for r in records if r["status"] == "done"}
+  assert set(done) == {f"{c}_{s}" for c in ("weak_crops", "finetune_10ep")
+                       for s in ("finetune", "certify")} | {"weak_crops_pretrain"}
+  assert "--config.data.pretrain_crop_scale=(0.35,1.0)" in done["weak_crops_pretrain"]["command"]
+  saved = json.loads((croot / "weak_crops_pretrain" / "config.json").read_text())
+  assert saved["data"]["pretrain_crop_scale"] == [0.35, 1.0]
+  assert json.loads((croot / "finetune_10ep_finetune" / "config.json").read_text())["epochs"] == 10
+  summary = (croot / "summary.md").read_text()
+  rows = [line for line in summary.splitlines() if line.startswith("| weak_crops |")
+          or line.startswith("| finetune_10ep |") or line.startswith("| replication: rrcm |")]
+  assert len(rows) == 3 and all("–" not in row for row in rows), rows

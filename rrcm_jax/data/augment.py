@@ -265,10 +265,16 @@ def solarize(images, u, p, threshold=0.5):
 # ------------------------------------------------------------------ views
 
 
-def pretrain_geometry(image, seed, size):
-  """Per example: uint8 [H, W, C] -> {"x", "a1", "a2": uint8 [size, size, C], "u": [3, NUM_UNIFORMS]}."""
+PRETRAIN_CROP_SCALE = (0.08, 1.0)   # area fraction of the two augmented views (BYOL / SimCLR)
+
+
+def pretrain_geometry(image, seed, size, crop_scale=PRETRAIN_CROP_SCALE):
+  """Per example: uint8 [H, W, C] -> {"x", "a1", "a2": uint8 [size, size, C], "u": [3, NUM_UNIFORMS]}.
+
+  crop_scale: (min, max) area fraction of a1 / a2's random resized crops.
+  """
   u = uniforms(seed, 3)
-  crops = resized_crops(image, u[1:], size)
+  crops = resized_crops(image, u[1:], size, scale=tuple(crop_scale))
   return {"x": center_view(image, size), "a1": crops[0], "a2": crops[1], "u": u}
 
 
@@ -283,9 +289,9 @@ def pretrain_photometry(batch):
   return views
 
 
-def pretrain_views(image, seed, size):
+def pretrain_views(image, seed, size, crop_scale=PRETRAIN_CROP_SCALE):
   """uint8 [H, W, C] -> {"x", "a1", "a2"}: uint8 [size, size, C] (both stages, one example)."""
-  geometry = pretrain_geometry(image, seed, size)
+  geometry = pretrain_geometry(image, seed, size, crop_scale)
   views = pretrain_photometry({k: v[None] for k, v in geometry.items()})
   return {k: v[0] for k, v in views.items()}
 

@@ -40,11 +40,13 @@ def pretrain_batches(data_cfg, *, global_batch_size, seed, start_step=0,
   x is the clean view (center view + flip), a1 / a2 the two BYOL-style views
   (`augment.pretrain_views`: crops per example, photometry per batch),
   S = data_cfg.image_size, read from data_cfg.train_split. Batch k of the
-  iterator is global step start_step + k.
+  iterator is global step start_step + k. data_cfg.pretrain_crop_scale (if set)
+  is the (min, max) area fraction of a1 / a2's crops.
   """
   size = data_cfg.image_size
+  scale = tuple(data_cfg.get("pretrain_crop_scale", augment_lib.PRETRAIN_CROP_SCALE))
   ds = _train_dataset(data_cfg, data_cfg.train_split, global_batch_size, seed, start_step,
-                      lambda ex, s: augment_lib.pretrain_geometry(ex["image"], s, size),
+                      lambda ex, s: augment_lib.pretrain_geometry(ex["image"], s, size, scale),
                       process_index, process_count, batch_view=augment_lib.pretrain_photometry)
   return ds.as_numpy_iterator()
 
