@@ -27,9 +27,11 @@
 set -euo pipefail
 
 readonly PROG="gpu_local.sh"
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {
-  sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'
+  header_help
   cat <<'EOF'
 Options:
   --gpus IDS          comma-separated GPU indices to use (sets CUDA_VISIBLE_DEVICES; default all).
@@ -37,25 +39,6 @@ Options:
   --dry-run           print the command instead of running it.
   -h, --help          this text.
 EOF
-}
-
-die() {
-  echo "$PROG: $*" >&2
-  exit 2
-}
-
-# Prints one word so that a POSIX shell reads it back unchanged.
-quote_word() {
-  local word=$1
-  if [[ $word =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$word"
-  elif [[ $word =~ ^(--[A-Za-z0-9_.-]+=)(.*)$ ]]; then
-    local flag=${BASH_REMATCH[1]} value=${BASH_REMATCH[2]}
-    printf '%s' "$flag"
-    quote_word "$value"
-  else
-    printf "'%s'" "${word//\'/\'\\\'\'}"
-  fi
 }
 
 main() {
@@ -86,12 +69,7 @@ main() {
   [[ -z $gpus ]] || launch+=(CUDA_VISIBLE_DEVICES="$gpus")
   launch+=("${command[@]}")
   if [[ $dry_run == 1 ]]; then
-    local word sep=""
-    for word in "${launch[@]}"; do
-      printf '%s' "$sep"
-      quote_word "$word"
-      sep=" "
-    done
+    quote_words "${launch[@]}"
     printf '\n'
   else
     exec "${launch[@]}"

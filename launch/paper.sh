@@ -28,6 +28,8 @@
 set -euo pipefail
 
 readonly PROG="paper.sh"
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 LAUNCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(dirname "$LAUNCH_DIR")"
 readonly LAUNCH_DIR REPO_ROOT
@@ -51,37 +53,8 @@ readonly ROWS=(
   "certify-imagenet-1.0|certify|configs/imagenet_certify.py:1.0|finetune-imagenet-1.0|ImageNet certified accuracy at sigma 1.0 (500 images, n=100,000)"
 )
 
-die() {
-  echo "$PROG: $*" >&2
-  exit 2
-}
-
 usage() {
-  sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'
-}
-
-# Prints one word so that a POSIX shell reads it back unchanged.
-quote_word() {
-  local word=$1
-  if [[ $word =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$word"
-  elif [[ $word =~ ^(--[A-Za-z0-9_.-]+=)(.*)$ ]]; then
-    local flag=${BASH_REMATCH[1]} value=${BASH_REMATCH[2]}
-    printf '%s' "$flag"
-    quote_word "$value"
-  else
-    printf "'%s'" "${word//\'/\'\\\'\'}"
-  fi
-}
-
-quote_words() {
-  local word sep=""
-  for word in "$@"; do
-    printf '%s' "$sep"
-    quote_word "$word"
-    sep=" "
-  done
-  printf '\n'
+  header_help
 }
 
 # Sets ROW_FIELDS to the fields of row $1 (name, entry point, config, init row, text).
@@ -125,6 +98,7 @@ print_row() {
   fi
   row_command "$name" "$@"
   quote_words "${COMMAND[@]}"
+  printf '\n'
 }
 
 run_row() {
@@ -159,7 +133,7 @@ run_row() {
       ;;
     slurm)
       local submit=(sbatch "${launcher_args[@]}" launch/slurm.sbatch "${COMMAND[@]}")
-      if ((dry_run == 1)); then quote_words "${submit[@]}"; else exec "${submit[@]}"; fi
+      if ((dry_run == 1)); then quote_words "${submit[@]}"; printf '\n'; else exec "${submit[@]}"; fi
       ;;
     *) die "--launcher must be gpu, tpu or slurm (got '$launcher')." ;;
   esac

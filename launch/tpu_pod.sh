@@ -33,12 +33,14 @@
 set -euo pipefail
 
 readonly PROG="tpu_pod.sh"
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 readonly REMOTE_DIR="rrcm-jax"            # code directory in each worker's home
 readonly REMOTE_ARCHIVE="rrcm-jax.tar.gz"  # copied archive in each worker's home
 POLL_SECONDS="${RRCM_POLL_SECONDS:-60}"
 
 usage() {
-  sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'
+  header_help
   cat <<'EOF'
 Options:
   --name NAME               TPU VM (and queued-resource) name: lowercase letters, digits, '-'.
@@ -57,36 +59,6 @@ Options:
   --dry-run                 print the gcloud commands instead of running them.
   -h, --help                this text.
 EOF
-}
-
-die() {
-  echo "$PROG: $*" >&2
-  exit 2
-}
-
-# Prints one word so that a POSIX shell reads it back unchanged: bare when safe,
-# `--flag='value'` for a flag with a value, single-quoted otherwise.
-quote_word() {
-  local word=$1 flag value
-  if [[ $word =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$word"
-  elif [[ $word =~ ^(--[A-Za-z0-9_.-]+=)(.*)$ ]]; then
-    flag=${BASH_REMATCH[1]}
-    value=${BASH_REMATCH[2]}
-    printf '%s' "$flag"
-    quote_word "$value"
-  else
-    printf "'%s'" "${word//\'/\'\\\'\'}"
-  fi
-}
-
-quote_words() {
-  local word sep=""
-  for word in "$@"; do
-    printf '%s' "$sep"
-    quote_word "$word"
-    sep=" "
-  done
 }
 
 # Runs a command, or prints it (one line, shell-quoted) in a dry run.

@@ -72,6 +72,7 @@ class Sampler:
     self.key = self.replicate(jax.random.key(seed))
     self.traces = {}
     self._chunk_fns = {}
+    self._noisy_fns = {}
 
   @property
   def trace_count(self):
@@ -112,8 +113,10 @@ class Sampler:
       (row j * m + i is sample start + j of image i), sharded over "data".
     """
     images, indices = self._prepare(images, indices)
-    fn = jax.jit(functools.partial(self._noisy_batch, chunk_size=chunk_size))
-    return fn(images, indices, self.key,
+    if chunk_size not in self._noisy_fns:   # one jit per chunk size, like _chunk_fn
+      self._noisy_fns[chunk_size] = jax.jit(
+          functools.partial(self._noisy_batch, chunk_size=chunk_size))
+    return self._noisy_fns[chunk_size](images, indices, self.key,
               *self.replicate((np.int32(stream), np.int32(start), np.float32(self.sigma))))
 
   def dispatch_counts(self, params, images, indices, stream, num):

@@ -42,7 +42,8 @@ def ensure_writable(workdir):
 
 
 def record_run(workdir, config, argv=None):
-  """Writes the resolved config and appends {time, seed, code version, argv} to runs.jsonl."""
+  """Writes the resolved config and appends {time, seed, code version, argv, devices, matmul
+  precision} to runs.jsonl."""
   path = epath.Path(workdir)
   if jax.process_index() != 0:
     return
@@ -50,7 +51,9 @@ def record_run(workdir, config, argv=None):
   entry = dict(time=time.strftime("%Y-%m-%d %H:%M:%S"), seed=config.get("seed"),
                code_version=code_version(), argv=list(argv if argv is not None else sys.argv),
                processes=jax.process_count(), devices=jax.device_count(),
-               platform=jax.devices()[0].platform)
+               platform=jax.devices()[0].platform, device_kind=jax.devices()[0].device_kind,
+               # None: the backend's default (TF32 for float32 matmuls on recent NVIDIA GPUs)
+               matmul_precision=jax.config.jax_default_matmul_precision)
   with (path / "runs.jsonl").open("a") as f:
     f.write(json.dumps(entry) + "\n")
 

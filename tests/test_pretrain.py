@@ -121,6 +121,7 @@ def test_resume_is_exact_and_metrics_are_logged(tmp_path):
   assert rows[0]["lr"] == 0.0 and rows[-1]["lr"] > 0
   runs = [json.loads(l) for l in (tmp_path / "b" / "runs.jsonl").read_text().splitlines()]
   assert len(runs) == 2 and runs[0]["seed"] == 0 and runs[0]["code_version"]
+  assert runs[0]["platform"] == "cpu" and runs[0]["device_kind"] and "matmul_precision" in runs[0]
   assert json.loads((tmp_path / "b" / "config.json").read_text())["total_steps"] == 6
 
 

@@ -140,6 +140,7 @@ def test_streams_and_images_draw_different_noise():
   np.testing.assert_array_equal(draw(3, 0), draw(3, 0))
   assert not np.allclose(draw(3, 0), draw(3, 1))
   assert not np.allclose(draw(3, 0), draw(4, 0))
+  assert sampler._noisy_fns[8]._cache_size() == 1   # pylint: disable=protected-access  (one compile)
   counts = lambda stream: sampler.sample_counts(params, images[:1], [3], stream, 1000)[0]
   assert not np.array_equal(counts(smoothing.SELECTION_STREAM), counts(smoothing.ESTIMATION_STREAM))
   # certify = the decision on the selection and estimation streams' counts.
