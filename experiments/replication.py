@@ -313,6 +313,8 @@ def refresh_summary(root, args):
   """write_summary for the loop: a broken summary is reported, never stops the stages."""
   try:
     write_summary(root, args.sigmas, args.methods, args.quick, args.data)
+  except Interrupted:   # SIGTERM while writing: stop like during a stage
+    raise
   except Exception as e:  # pylint: disable=broad-except
     print(f"warning: summary.md not written ({type(e).__name__}: {e})", file=sys.stderr,
           flush=True)

@@ -187,3 +187,17 @@ def test_quick_run_end_to_end_then_resumes(tmp_path):
   rows = [line for line in summary.splitlines() if line.startswith("| weak_crops |")
           or line.startswith("| finetune_10ep |") or line.startswith("| replication: rrcm |")]
   assert len(rows) == 3 and all("–" not in row for row in rows), rows
+
+
+def test_summary_errors_warn_but_a_sigterm_while_writing_stops(monkeypatch, capsys):
+  args = replication.parse_args(["--root", "x"])
+  def broken(*unused):
+    raise KeyError("val/clean")
+  monkeypatch.setattr(replication, "write_summary", broken)
+  replication.refresh_summary("x", args)
+  assert "summary.md not written (KeyError" in capsys.readouterr().err
+  def sigterm(*unused):
+    raise replication.Interrupted("SIGTERM")
+  monkeypatch.setattr(replication, "write_summary", sigterm)
+  with pytest.raises(replication.Interrupted):
+    replication.refresh_summary("x", args)
