@@ -143,7 +143,8 @@ def write_summary(root, replication_root, names, certify, quick=False):
       f"Written {time.strftime('%Y-%m-%d %H:%M:%S')} by `python -m experiments.controls`. "
       "Each control changes one thing of the replication's rRCM arm "
       "(configs/fashion_mnist_replication.py); the first rows are the replication's own "
-      f"classifiers at σ = {SIGMA} ({replication_root}). Test accuracy (%) of the last "
+      f"classifiers at σ = {SIGMA} ({os.path.relpath(replication_root, replication.REPO)}). "
+      "Test accuracy (%) of the last "
       "checkpoint on the whole test split, clean and at model-space noise s (s = 0.5 is "
       "σ = 0.25); training TFLOP with the ratio to the replication's per-σ budget "
       f"({budget / 1e12:.2f} TFLOP); wall minutes of training (pre-training included).", ""]
