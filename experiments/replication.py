@@ -253,14 +253,15 @@ def sigma_section(root, sigma, methods, walls, budget, certify_cfg, val_split):
 
 
 def stages_table(records, walls):
-  """The Markdown of every stage run so far: last status, total wall time, seed, command."""
+  """The Markdown of every stage run so far: last status, total wall time, seed, command
+  (paths relative to the repository root, where the commands run)."""
   last = {r["stage"]: r for r in records if r["status"] != "skipped"}
   lines = ["## Stages", "", "| stage | status | wall min | seed | command |",
            "|---|---|---|---|---|"]
   for name, r in last.items():
     seed = "–" if r.get("seed") is None else r["seed"]
     lines.append(f"| {name} | {r['status']} | {walls.get(name, 0.0) / 60:.1f} | {seed} | "
-                 f"`{r['command']}` |")
+                 f"`{r['command'].replace(REPO + os.sep, '')}` |")
   return lines
 
 

@@ -201,3 +201,11 @@ def test_summary_errors_warn_but_a_sigterm_while_writing_stops(monkeypatch, caps
   monkeypatch.setattr(replication, "write_summary", sigterm)
   with pytest.raises(replication.Interrupted):
     replication.refresh_summary("x", args)
+
+
+def test_stages_table_shows_commands_relative_to_the_repository():
+  record = dict(stage="pretrain", status="done", seed=0, wall_s=60.0,
+                command=f"python -m rrcm_jax.pretrain --workdir={REPO}/results/replication/pretrain")
+  lines = replication.stages_table([record], replication.stage_walls([record]))
+  assert lines[-1] == ("| pretrain | done | 1.0 | 0 | `python -m rrcm_jax.pretrain "
+                       "--workdir=results/replication/pretrain` |")
