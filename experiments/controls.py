@@ -147,7 +147,9 @@ def write_summary(root, replication_root, names, certify, quick=False):
       "Test accuracy (%) of the last "
       "checkpoint on the whole test split, clean and at model-space noise s (s = 0.5 is "
       "σ = 0.25); training TFLOP with the ratio to the replication's per-σ budget "
-      f"({budget / 1e12:.2f} TFLOP); wall minutes of training (pre-training included).", ""]
+      f"({budget / 1e12:.2f} TFLOP, the controls' include the pre-training they start "
+      "from); wall minutes of the run's own training stages (a control that reuses the "
+      "replication's pre-training does not count it; the replication's rRCM row does).", ""]
   header = "| run | what changes | clean | s = 0.5 | s = 1.0 | training TFLOP (/ budget) | min |"
   if certify:
     header += " cert. r=0 | r=0.25 | r=0.5 | ACR |"
