@@ -41,8 +41,8 @@ def validate_config(config, mesh):
   if not 0 <= config.optim.warmup_steps <= config.total_steps:
     raise ValueError(f"config.optim.warmup_steps={config.optim.warmup_steps} must be in "
                      f"[0, total_steps={config.total_steps}].")
-  scale = tuple(config.data.get("pretrain_crop_scale", (0.08, 1.0)))
-  if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+  scale = config.data.get("pretrain_crop_scale")   # absent: the augmentations' default
+  if scale is not None and (len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1):
     raise ValueError(f"config.data.pretrain_crop_scale={scale} must be (min, max) area "
                      "fractions with 0 < min <= max <= 1.")
   if not 1 <= config.scales.start <= config.scales.end:
