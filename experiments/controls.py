@@ -228,14 +228,8 @@ def main(argv=None):
   def on_term(signum, frame):  # pylint: disable=unused-argument
     raise replication.Interrupted("SIGTERM")
   signal.signal(signal.SIGTERM, on_term)
-  def summarize():   # a broken summary is reported, never stops the stages
-    try:
-      write_summary(root, replication_root, args.controls, args.certify, args.quick)
-    except replication.Interrupted:
-      raise
-    except Exception as e:  # pylint: disable=broad-except
-      print(f"warning: summary.md not written ({type(e).__name__}: {e})", file=sys.stderr,
-            flush=True)
+  summarize = lambda: replication.summarize_safely(
+      lambda: write_summary(root, replication_root, args.controls, args.certify, args.quick))
   try:
     for k, (stage, overrides, steps) in enumerate(plan, start=1):
       if is_complete(stage, steps):

@@ -312,8 +312,13 @@ def write_summary(root, sigmas, methods, quick, data):
 
 def refresh_summary(root, args):
   """write_summary for the loop: a broken summary is reported, never stops the stages."""
+  summarize_safely(lambda: write_summary(root, args.sigmas, args.methods, args.quick, args.data))
+
+
+def summarize_safely(write):
+  """Calls write(); an error is a warning on stderr, but SIGTERM (Interrupted) still stops."""
   try:
-    write_summary(root, args.sigmas, args.methods, args.quick, args.data)
+    write()
   except Interrupted:   # SIGTERM while writing: stop like during a stage
     raise
   except Exception as e:  # pylint: disable=broad-except
