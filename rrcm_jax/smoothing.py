@@ -116,8 +116,7 @@ class Sampler:
     if chunk_size not in self._noisy_fns:   # one jit per chunk size, like _chunk_fn
       self._noisy_fns[chunk_size] = jax.jit(
           functools.partial(self._noisy_batch, chunk_size=chunk_size))
-    fn = self._noisy_fns[chunk_size]
-    return fn(images, indices, self.key,
+    return self._noisy_fns[chunk_size](images, indices, self.key,
               *self.replicate((np.int32(stream), np.int32(start), np.float32(self.sigma))))
 
   def dispatch_counts(self, params, images, indices, stream, num):
