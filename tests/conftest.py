@@ -16,7 +16,15 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
+
+# Recorded reference data (tests/testdata/README.md says what each file holds);
+# RRCM_REFERENCE_DIR points the tests at another recording with the same layout.
+REFERENCE_DIR = os.environ.get("RRCM_REFERENCE_DIR") or os.path.join(os.path.dirname(__file__), "testdata")
+
+
+def reference_file(name):
+  """Path of a recorded reference file (tests/testdata/ or $RRCM_REFERENCE_DIR)."""
+  return os.path.join(REFERENCE_DIR, name)

@@ -4,9 +4,10 @@ import pathlib
 import numpy as np
 import pytest
 
+from conftest import reference_file
 from rrcm_jax import certlog
 
-COHEN = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cohen2019"
+COHEN = pathlib.Path(reference_file("cohen2019"))
 
 
 def test_write_flushes_each_line_and_reads_back(tmp_path):

@@ -1,7 +1,9 @@
 """Number-for-number parity with the authors' PyTorch code.
 
-`../shared/data/reference/rrcm_small.npz` (see its README) holds outputs of
-the authors' modules on random weights, float32, CPU. Their weights go
+`rrcm_small.npz` (tests/testdata/README.md) holds outputs of the authors'
+modules on random weights, float32, CPU. Every setting (model sizes, grid,
+temperature, σ_data, noise levels of the fine-tuned logits) is read from the
+file itself, so another recording with the same keys passes unchanged. Their weights go
 through `rrcm_jax.torch_import`, their NCHW images are transposed to NHWC,
 and every array must agree to 1e-5 relative (‖ours − theirs‖ / ‖theirs‖).
 
@@ -14,25 +16,27 @@ statistics it used (`_rewind_running_stats`).
 """
 import json
 import os
-import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import reference_file
 from configs import common
 from rrcm_jax import denoiser
 from rrcm_jax import losses
 from rrcm_jax import models
 from rrcm_jax import torch_import
 
-_DEFAULT_DIR = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "reference"
-REFERENCE = pathlib.Path(os.environ.get("RRCM_REFERENCE_DIR", _DEFAULT_DIR)) / "rrcm_small.npz"
+REFERENCE = reference_file("rrcm_small.npz")
 RTOL = 1e-5
 TORCH_MOMENTUM = 0.1
-FT_LEVELS = (0.0, 0.5, 1.0, 2.0)   # model-space noise of the fine-tuned logits
-FT_NUM_SCALES = 81
+# The fine-tuned logits are conditioned on an 81-point grid (the paper's checkpoints);
+# a recording that used another grid says so in meta["ft_num_scales"].
+DEFAULT_FT_NUM_SCALES = 81
+_FT_KEY = re.compile(r"ft_logits_ln([01])_s([0-9.]+)$")
 
 
 def assert_matches(got, want, name):
@@ -46,11 +50,22 @@ def assert_matches(got, want, name):
 
 @pytest.fixture(scope="session")
 def reference():
-  assert REFERENCE.exists(), f"{REFERENCE} is missing (set RRCM_REFERENCE_DIR)."
+  assert os.path.exists(REFERENCE), f"{REFERENCE} is missing (set RRCM_REFERENCE_DIR)."
   with np.load(REFERENCE) as data:
     arrays = {k: data[k] for k in data.files}
   arrays["meta"] = json.loads(bytes(arrays["meta"]))
   return arrays
+
+
+def _ft_names():
+  """Keys of the recorded fine-tuned logits (read at collection, before the fixtures)."""
+  with np.load(REFERENCE) as data:
+    return sorted(k for k in data.files if _FT_KEY.match(k))
+
+
+def _ft_levels(reference):
+  """Model-space noise levels s of the recorded fine-tuned logits, sorted."""
+  return sorted({float(_FT_KEY.match(k).group(2)) for k in reference if _FT_KEY.match(k)})
 
 
 def _state_dict(reference, prefix):
@@ -65,6 +80,8 @@ def _nhwc(images):
 def model_cfg(reference):
   c = reference["meta"]["cfg"]
   assert not c["qkv_bias"]
+  assert reference["meta"]["sigma_data"] == common.denoiser_config().sigma_data
+  assert reference["enc_x_t"].shape[0] == reference["meta"]["batch"]
   cfg = common.model_config(width=c["embed_dim"], depth=c["depth"], num_heads=c["num_heads"],
                             patch_size=c["patch_size"], image_size=c["image_size"], channels=3,
                             proj_hidden=c["hidden_dim"], proj_out=c["output_dim"])
@@ -191,24 +208,26 @@ def test_pretrain_loss(reference, loss_outputs, name):
 def finetune_logits(reference, model_cfg):
   """All four noise levels in one batch of 4·B images, each at its own grid σ."""
   x, noise = _nhwc(reference["loss_x_start"]), _nhwc(reference["loss_noise"])
-  batch = x.shape[0]
-  inputs = jnp.concatenate([x + s * noise for s in FT_LEVELS])
+  batch, levels = x.shape[0], _ft_levels(reference)
+  num_scales = reference["meta"].get("ft_num_scales", DEFAULT_FT_NUM_SCALES)
+  inputs = jnp.concatenate([x + s * noise for s in levels])
   # σ_j one scalar at a time, as fine-tuning computes its constant: float32 x**7 of a
   # vector rounds differently (σ_42 moves by 7e-7, τ by 2e-4, the logits by 4e-6).
-  grid = [denoiser.nearest_grid_index(s, FT_NUM_SCALES) for s in FT_LEVELS]
-  sigmas = jnp.repeat(jnp.stack([denoiser.karras_sigma(j, FT_NUM_SCALES) for j in grid]), batch)
+  grid = [denoiser.nearest_grid_index(s, num_scales) for s in levels]
+  sigmas = jnp.repeat(jnp.stack([denoiser.karras_sigma(j, num_scales) for j in grid]), batch)
   logits = {}
   for ln in (0, 1):
-    model = models.classifier(model_cfg, num_classes=10, final_norm=bool(ln))
+    head = reference[f"ft_ln{ln}_sd/linear_head.weight"]
+    model = models.classifier(model_cfg, num_classes=head.shape[0], final_norm=bool(ln))
     variables = torch_import.load_variables(_state_dict(reference, f"ft_ln{ln}_sd/"), model,
                                             (inputs, sigmas), "classifier")
     out = jax.jit(lambda v, x, s, m=model: denoiser.encode_at_sigma(m.apply, v, x, s))(
         variables, inputs, sigmas)
-    for k, s in enumerate(FT_LEVELS):
+    for k, s in enumerate(levels):
       logits[f"ft_logits_ln{ln}_s{s}"] = out[k * batch:(k + 1) * batch]
   return logits
 
 
-@pytest.mark.parametrize("name", [f"ft_logits_ln{ln}_s{s}" for ln in (0, 1) for s in FT_LEVELS])
+@pytest.mark.parametrize("name", _ft_names())
 def test_finetuned_logits(reference, finetune_logits, name):
   assert_matches(finetune_logits[name], reference[name], name)

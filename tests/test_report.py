@@ -6,9 +6,10 @@ import re
 import numpy as np
 import pytest
 
+from conftest import reference_file
 from rrcm_jax import certlog, report
 
-COHEN = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cohen2019"
+COHEN = pathlib.Path(reference_file("cohen2019"))
 CIFAR_LOGS = {s: COHEN / f"cifar10_resnet110_noise_{s:.2f}_sigma_{s:.2f}.tsv" for s in (0.25, 0.5, 1.0)}
 IMAGENET_LOGS = {0.5: COHEN / "imagenet_resnet50_noise_0.50_sigma_0.50.tsv"}
 
