@@ -97,6 +97,16 @@ def read_metrics(workdir, filename="metrics.jsonl"):
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def format_duration(seconds):
+  """'1d 01:00:00' for 90,000 s, '00:05:00' for 300 s, '--:--:--' when unknown (inf/nan)."""
+  if not seconds == seconds or seconds == float("inf"):
+    return "--:--:--"
+  days, rest = divmod(int(round(max(seconds, 0))), 86400)
+  hours, rest = divmod(rest, 3600)
+  clock = f"{hours:02d}:{rest // 60:02d}:{rest % 60:02d}"
+  return f"{days}d {clock}" if days else clock
+
+
 class Progress:
   """A progress bar on a terminal, a line per update otherwise (logs, CI); process 0 only."""
 
@@ -116,7 +126,7 @@ class Progress:
     bar = "#" * done + "." * (self.width - done)
     extra = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                      for k, v in fields.items())
-    eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta != float("inf") else "--:--:--"
+    eta_s = format_duration(eta)
     line = f"[{bar}] {self.unit} {count}/{self.total} {extra} ETA {eta_s}"
     if self.tty:
       sys.stdout.write("\r" + line)
