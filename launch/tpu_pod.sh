@@ -218,11 +218,17 @@ pack_tree() {
   note "pack $root (files git tracks or does not ignore) into $archive"
   [[ $DRY_RUN == 1 ]] && return
   if git -C "$root" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
-    local file
+    # The archive has no .git: CODE_VERSION tells runs.jsonl which commit runs on the workers.
+    local file stamp version
+    stamp=$(mktemp -d)
+    version=$(git -C "$root" rev-parse HEAD)
+    [[ -z $(git -C "$root" status --porcelain --untracked-files=no) ]] || version+="+dirty"
+    printf '%s\n' "$version" >"$stamp/CODE_VERSION"
     while IFS= read -r -d '' file; do
       [[ ! -e $root/$file ]] || printf '%s\0' "$file"   # tracked files deleted here stay out
     done < <(git -C "$root" ls-files -z --cached --others --exclude-standard) \
-      | tar -C "$root" --null -T - -czf "$archive"
+      | tar -czf "$archive" -C "$root" --null -T - -C "$stamp" CODE_VERSION
+    rm -rf "$stamp"
   else
     tar -C "$root" --exclude=.git --exclude=.venv --exclude=workdirs --exclude=logs -czf "$archive" .
   fi

@@ -13,13 +13,18 @@ from etils import epath
 
 
 def code_version():
-  """The git commit of the code that runs (with "+dirty" for local changes), or "unknown"."""
+  """The git commit of the code that runs (with "+dirty" for local changes), or "unknown".
+
+  Without a git checkout (code shipped as an archive by launch/tpu_pod.sh), the
+  commit comes from the CODE_VERSION file the launch script packs beside the package.
+  """
   here = epath.Path(__file__).parent
+  shipped = here.parent / "CODE_VERSION"
   try:
     rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
                          text=True, timeout=10)
     if rev.returncode:
-      return "unknown"
+      return shipped.read_text().strip() if shipped.exists() else "unknown"
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
                            capture_output=True, text=True, timeout=10).stdout.strip()
     return rev.stdout.strip() + ("+dirty" if dirty else "")

@@ -11,6 +11,7 @@ import shlex
 import shutil
 import stat
 import subprocess
+import sys
 import tarfile
 
 import pytest
@@ -230,6 +231,24 @@ def test_tpu_fresh_slice_is_created_shipped_and_run(fake_gcloud):
   assert "launch/tpu_pod.sh" in names
   assert not any(n.startswith((".venv/", ".git/")) for n in names)
   assert not os.path.exists(tmp / "rrcm-jax-rrcm-b.tar.gz")   # local archive removed
+
+
+def test_tpu_archive_records_the_commit_for_runs_jsonl(fake_gcloud):
+  tmp, env, _ = fake_gcloud
+  result = run([TPU, *BASE, "--log-dir", str(tmp / "logs"), "--", "true"], env=env)
+  assert result.returncode == 0, result.stderr
+  tree = tmp / "worker"
+  with tarfile.open(tmp / "archive.tar.gz") as archive:
+    archive.extractall(tree, filter="data")
+  head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                        check=True).stdout.strip()
+  shipped = (tree / "CODE_VERSION").read_text().strip()
+  assert shipped.removesuffix("+dirty") == head
+  # On the worker there is no .git: the run record takes the shipped commit.
+  probe = subprocess.run([sys.executable, "-c", "from rrcm_jax import workdir; "
+                          "print(workdir.code_version())"], cwd=tree, capture_output=True,
+                         text=True, env=dict(os.environ, PYTHONPATH=str(tree)), check=True)
+  assert probe.stdout.strip() == shipped
 
 
 def test_tpu_ready_slice_is_reused(fake_gcloud):
