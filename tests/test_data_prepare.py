@@ -27,10 +27,30 @@ def test_restore_gzip_header_gives_back_the_original_bytes():
 
 
 def test_missing_files_name_both_ways_to_get_the_data(tmp_path, capsys):
-  code = prepare.main(["fashion_mnist", "--data_dir", str(tmp_path), "--source_dir", str(tmp_path)])
+  code = prepare.main(["fashion_mnist", "--data_dir", str(tmp_path), "--source_dir", str(tmp_path),
+                       "--no_download"])
   err = capsys.readouterr().err
   assert code == 1
   assert "internet" in err and "apt-get install dataset-fashion-mnist" in err and "root or sudo" in err
+  assert err.count("\n") == 1
+
+
+def test_without_debian_files_tfds_downloads(tmp_path, monkeypatch, capsys):
+  calls = []
+  monkeypatch.setattr(prepare, "download", calls.append)
+  code = prepare.main(["fashion_mnist", "--data_dir", str(tmp_path), "--source_dir", str(tmp_path)])
+  assert code == 0 and len(calls) == 1 and calls[0].name == "fashion_mnist"
+  assert "downloaded by TFDS" in capsys.readouterr().out
+
+
+def test_failed_download_is_one_sentence_with_both_ways(tmp_path, monkeypatch, capsys):
+  def offline(builder):
+    raise OSError("Network is unreachable")
+  monkeypatch.setattr(prepare, "download", offline)
+  code = prepare.main(["fashion_mnist", "--data_dir", str(tmp_path), "--source_dir", str(tmp_path)])
+  err = capsys.readouterr().err
+  assert code == 1 and err.count("\n") == 1
+  assert "download failed (OSError)" in err and "apt-get install dataset-fashion-mnist" in err
 
 
 @pytest.fixture(scope="module")

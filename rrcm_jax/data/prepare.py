@@ -61,15 +61,26 @@ def restore_manual_files(name, source_dir, manual_dir, url_infos):
   return written
 
 
-def missing_data_message(name, source_dir, package):
-  return (f"Cannot prepare {name!r} offline: {source_dir}/*.gz not found. Either connect to the "
-          f"internet (tfds.load('{name}') downloads it), or install the Debian package with "
-          f"`apt-get install {package}` (needs root or sudo: `sudo apt-get install {package}`) "
-          "and run this command again.")
+def missing_data_message(name, source_dir, package, download_error=None):
+  tried = (f" and TFDS's own download failed ({type(download_error).__name__})"
+           if download_error is not None else "")
+  return (f"Cannot prepare {name!r}: {source_dir}/*.gz not found{tried}; either run this command "
+          f"on a machine with internet (TFDS then downloads it), or install the Debian package "
+          f"with `apt-get install {package}` (needs root or sudo: `sudo apt-get install "
+          f"{package}`) and run this command again.")
 
 
-def prepare(name, data_dir=None, source_dir=None):
-  """Builds TFDS dataset `name` in data_dir from the Debian files; returns a one-line summary."""
+def download(builder):
+  """TFDS's own download and preparation (needs internet); a seam tests replace."""
+  builder.download_and_prepare()
+
+
+def prepare(name, data_dir=None, source_dir=None, allow_download=True):
+  """Builds TFDS dataset `name` in data_dir; returns a one-line summary.
+
+  From the Debian files when they are installed; otherwise, with `allow_download`,
+  through TFDS's own download (a machine with internet, no root needed).
+  """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from rrcm_jax.data import import_tensorflow  # pylint: disable=g-import-not-at-top
   import_tensorflow()
@@ -82,7 +93,14 @@ def prepare(name, data_dir=None, source_dir=None):
   source_dir = source_dir or default_dir
   url_infos = tfds.builder_cls(name).url_infos
   if not all(os.path.exists(os.path.join(source_dir, i.filename)) for i in url_infos.values()):
-    raise FileNotFoundError(missing_data_message(name, source_dir, package))
+    if not allow_download:
+      raise FileNotFoundError(missing_data_message(name, source_dir, package))
+    try:
+      download(builder)
+    except Exception as e:  # pylint: disable=broad-except  (no network: DownloadError, OSError, ...)
+      raise FileNotFoundError(missing_data_message(name, source_dir, package, e)) from e
+    counts = {str(split): info.num_examples for split, info in builder.info.splits.items()}
+    return f"{name} downloaded by TFDS and prepared in {builder.data_dir}: {counts}."
   root = data_dir or os.path.dirname(os.path.dirname(builder.data_dir))
   manual_dir = os.path.join(root, "downloads", "manual")
   restore_manual_files(name, source_dir, manual_dir, url_infos)
@@ -96,9 +114,11 @@ def main(argv=None):
   parser.add_argument("name", choices=sorted(_DEBIAN), help="TFDS dataset to build offline")
   parser.add_argument("--data_dir", default=None, help="TFDS data_dir (default: TFDS's own)")
   parser.add_argument("--source_dir", default=None, help="folder of the Debian .gz files")
+  parser.add_argument("--no_download", action="store_true",
+                      help="never fall back to TFDS's own download")
   args = parser.parse_args(argv)
   try:
-    print(prepare(args.name, args.data_dir, args.source_dir))
+    print(prepare(args.name, args.data_dir, args.source_dir, not args.no_download))
   except (FileNotFoundError, RuntimeError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
