@@ -31,7 +31,7 @@ CASES = {  # name: (image_size, channels, source, local batch)
     "28x28": (28, 1, "synthetic", 256),
     "224x224": (224, 3, "folder", 64),
 }
-# What an 8-GPU host consumes: forward GFLOP per image (SPEC "Certification" cost line:
+# What an 8-GPU host consumes: forward GFLOP per image (docs/method.md, Certification, cost:
 # RCM-B at 32x32 p4 ~5.7 GMAC, at 224 p16 ~17.7 GMAC) x 12 forward-equivalents per
 # pre-training image (six encoder calls, three with a backward pass at ~2x a forward),
 # against 8 x H100 at 989 dense bf16 TFLOP/s and an assumed 40% utilisation.

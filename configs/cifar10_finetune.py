@@ -1,4 +1,4 @@
-r"""Paper rows: CIFAR-10 fine-tuning of RCM-B for σ = 0.25, 0.5, 1.0 (SPEC "Fine-tuning").
+r"""Paper rows: CIFAR-10 fine-tuning of RCM-B for σ = 0.25, 0.5, 1.0 (docs/method.md, Fine-tuning).
 
   python -m rrcm_jax.finetune --config=configs/cifar10_finetune.py:0.25 \
       --workdir=gs://BUCKET/rrcm/cifar10_finetune_0.25 \

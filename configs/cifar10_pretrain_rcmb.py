@@ -1,4 +1,4 @@
-r"""Paper row: CIFAR-10 RCM-B pre-training (SPEC "Paper configs").
+r"""Paper row: CIFAR-10 RCM-B pre-training (docs/method.md, Pre-training objective, "Paper configs").
 
   python -m rrcm_jax.pretrain --config=configs/cifar10_pretrain_rcmb.py \
       --workdir=gs://BUCKET/rrcm/cifar10_rcmb_pretrain

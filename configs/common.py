@@ -1,7 +1,7 @@
 """Shared defaults for every rrcm-jax experiment config.
 
 A config is an experiment: each file under `configs/` builds on these
-sections and sets what its row of the paper (SPEC.md) says. Every key can be
+sections and sets what its row of the paper (docs/method.md) says. Every key can be
 overridden on the command line as `--config.a.b=v`.
 
 Quantities derived from `total_steps` (learning-rate warm-up, target-EMA
@@ -27,14 +27,14 @@ def data_config(name="fashion_mnist", image_size=28, channels=1, num_classes=10)
       shuffle_buffer=10_000,
       cache=True,             # cache decoded images in memory (small datasets)
       # pre-training: (min, max) area fraction of the two augmented views' random resized
-      # crops, the augmentation strength (SPEC: RandomResizedCrop's default (0.08, 1.0))
+      # crops, the augmentation strength (docs/method.md: RandomResizedCrop's default (0.08, 1.0))
       pretrain_crop_scale=(0.08, 1.0),
   ))
 
 
 def model_config(width=192, depth=6, num_heads=3, patch_size=4, image_size=32,
                  channels=3, proj_hidden=2048, proj_out=256):
-  """The ViT encoder with its time token and projection head (SPEC "Encoder")."""
+  """The ViT encoder with its time token and projection head (docs/method.md, Encoder)."""
   return ml_collections.ConfigDict(dict(
       image_size=image_size,
       channels=channels,
@@ -57,14 +57,14 @@ def model_config(width=192, depth=6, num_heads=3, patch_size=4, image_size=32,
 
 
 def denoiser_config():
-  """Karras grid and preconditioning constants (SPEC "Noise-level grid")."""
+  """Karras grid and preconditioning constants (docs/method.md, Noise-level grid)."""
   return ml_collections.ConfigDict(dict(
       sigma_min=0.002, sigma_max=80.0, rho=7.0, sigma_data=0.5))
 
 
 def pretrain_config(total_steps, batch_size, lr, weight_decay, warmup_divisor,
                     ema_rate, target_ema_A):
-  """Everything `rrcm_jax.pretrain` reads, with SPEC's defaults.
+  """Everything `rrcm_jax.pretrain` reads, with the defaults of docs/method.md.
 
   `warmup_divisor`: warm-up = total_steps // warmup_divisor (30 for CIFAR-10:
   10k of 300k; 40 for ImageNet RCM-B: 15k of 600k; 60 for RCM-S: 10k of 600k).
@@ -80,7 +80,8 @@ def pretrain_config(total_steps, batch_size, lr, weight_decay, warmup_divisor,
       grad_clip=2.0,                      # applied only after warm-up
   ))
   config.scales = ml_collections.ConfigDict(dict(
-      start=20, end=80, total_steps=steps))   # "icm" doubling, SPEC
+      # "icm" doubling (docs/method.md, Number of scales during pre-training)
+      start=20, end=80, total_steps=steps))
   config.target_ema = ml_collections.ConfigDict(dict(
       start=0.99, end=0.9999, A=float(target_ema_A), decay_steps=steps))
   config.ema_rate = ema_rate              # the separately kept "EMA model"

@@ -34,7 +34,7 @@ def certify_config(finetune, *, sigma, every, num_images, chunk_size=1000):
   config.num_scales = FieldReference(None, field_type=int)  # N; None: init_from's, 81 for a .pth
   config.final_norm = finetune.final_norm   # used for a .pth only (init_from records its own)
   config.dtype = FieldReference(None, field_type=str)  # compute dtype; None: the classifier's
-  # Randomized smoothing (SPEC "Certification").
+  # Randomized smoothing (docs/method.md, Certification).
   config.sigma = float(sigma)           # pixel-space noise std
   config.mode = "certify"               # "certify" or "predict"
   config.n0 = 100                       # selection samples (CERTIFY)

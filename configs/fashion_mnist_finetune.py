@@ -54,7 +54,7 @@ def finetune_config(pretrain, *, sigma, epochs, warmup_epochs, batch_size, lr, l
   config.final_norm = False             # final LayerNorm before the head (ImageNet: on)
   config.consistency = ml_collections.ConfigDict(dict(
       draws=2,
-      lam=FieldReference(None, field_type=float),   # None: SPEC's 10 for σ <= 0.25, else 20
+      lam=FieldReference(None, field_type=float),   # None: 10 for σ <= 0.25, else 20 (docs/method.md)
       eta=0.5))
   config.entropy_weight = 1.0           # "finetune" / "linear": CE + weight · mean entropy (reference: 1)
   config.augment = "none"               # "none", "weak", "strong", "autoaug" (data.augment)

@@ -1,4 +1,4 @@
-r"""Paper rows: ImageNet fine-tuning of RCM-B for σ = 0.25, 0.5, 1.0 (SPEC "Fine-tuning").
+r"""Paper rows: ImageNet fine-tuning of RCM-B for σ = 0.25, 0.5, 1.0 (docs/method.md, Fine-tuning).
 
   python -m rrcm_jax.finetune --config=configs/imagenet_finetune.py:0.5 \
       --workdir=gs://BUCKET/rrcm/imagenet_finetune_0.5 \

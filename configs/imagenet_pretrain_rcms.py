@@ -1,4 +1,4 @@
-r"""Paper row: ImageNet RCM-S pre-training (SPEC "Paper configs").
+r"""Paper row: ImageNet RCM-S pre-training (docs/method.md, Pre-training objective, "Paper configs").
 
   python -m rrcm_jax.pretrain --config=configs/imagenet_pretrain_rcms.py \
       --workdir=gs://BUCKET/rrcm/imagenet_rcms_pretrain

@@ -29,7 +29,7 @@ def info_nce(u, v, temperature=0.2):
 
 def pretrain_loss(params, target_params, batch_stats, target_batch_stats, views, noise,
                   index, num_scales, *, apply_fn, denoiser_cfg, temperature=0.2):
-  """The rRCM objective (SPEC "Pre-training objective") for one global batch.
+  """The rRCM objective (docs/method.md, Pre-training objective) for one global batch.
 
   Args:
     params, target_params: online θ and target ξ parameters of an `RCMEncoder`.

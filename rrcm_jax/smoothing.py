@@ -5,7 +5,7 @@ classifies the noisy copies with one jitted function per chunk size and
 accumulates class counts on the device; only the counts
 [num_images, num_classes] reach the host, once per batch of images and stream.
 
-Units (SPEC "Conventions"): images and sigma are in pixel space [0, 1]. The
+Units (docs/method.md, Conventions): images and sigma are in pixel space [0, 1]. The
 base classifier sees v = x + sigma * eps in model space, (v - 0.5) / 0.5, where
 the same noise has std 2 * sigma. The caller's `logits_fn` already conditions
 the classifier at the grid point nearest 2 * sigma; the sampler never does.
@@ -231,7 +231,7 @@ def lower_confidence_bound(n_a, n, alpha):
 
 
 def certify_from_counts(selection_counts, estimation_counts, sigma, alpha):
-  """CERTIFY's decision from class counts (SPEC "Certification").
+  """CERTIFY's decision from class counts (docs/method.md, Certification).
 
   Args:
     selection_counts: [K] counts of the n0 selection samples; picks c = argmax.

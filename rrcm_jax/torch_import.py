@@ -4,7 +4,7 @@ The mapping works on plain arrays (numpy, or anything `np.asarray` reads);
 only `load_torch_checkpoint`, which reads a `.pth` file, needs torch
 (`pip install -e .[torch]`, the CPU wheel is enough).
 
-Layout (SPEC "State-dict layout"): an encoder (`nnet`, `nnet_ema`,
+Layout (docs/method.md, State-dict layout): an encoder (`nnet`, `nnet_ema`,
 `target_model`) is `patch_embed.proj.*`, `cls_token`, `pos_embed`,
 `blocks.{k}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}.*`, `norm.*`,
 `projection_head.{0,3,6}.weight` (Linear) and `projection_head.{1,4}.*`
@@ -99,7 +99,7 @@ def _strip_prefixes(name):
 def _to_flax_location(name, kind):
   """Torch name (prefixes stripped) -> ("collection/path", transform), or None to skip."""
   if _IGNORED.match(name) or (kind == "classifier" and name.startswith("projection_head.")):
-    return None   # the classifier drops the projection head (SPEC "Fine-tuning")
+    return None   # the classifier drops the projection head (docs/method.md, Fine-tuning)
   if kind == "encoder" and name.startswith("linear_head."):
     raise ValueError(f"{name} belongs to a fine-tuned classifier; load this state dict with "
                      "kind='classifier'.")
@@ -108,7 +108,8 @@ def _to_flax_location(name, kind):
     if m:
       return flax_template.format(**m.groupdict()), transform
   raise ValueError(f"{name} is not a name of the rRCM encoder/classifier layout "
-                   "(SPEC 'State-dict layout'); is this a checkpoint of another architecture?")
+                   "(docs/method.md, State-dict layout); is this a checkpoint of another "
+                   "architecture?")
 
 
 def _to_torch_location(path, kind):

@@ -22,7 +22,10 @@ class TrainState:
 
   @classmethod
   def create(cls, params, tx, batch_stats=None, with_target=False, with_ema=False):
-    """All copies start equal to the online weights (SPEC)."""
+    """All copies start equal to the online weights.
+
+    docs/method.md, Target-network EMA schedule.
+    """
     return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                batch_stats=batch_stats,
                target_params=params if with_target else None,

@@ -1,4 +1,4 @@
-"""The denoiser parametrization against SPEC's check values."""
+"""The denoiser parametrization against the check values of docs/method.md."""
 import math
 
 import jax.numpy as jnp

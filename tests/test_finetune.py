@@ -166,7 +166,8 @@ def test_lr_per_epoch_is_piecewise_constant():
 
 def test_forward_flops_match_spec_and_budgets():
   rcmb = common.model_config(width=768, depth=12, num_heads=12, patch_size=16, image_size=224)
-  assert classify.forward_flops(rcmb) / 2 == pytest.approx(17.7e9, rel=0.01)   # SPEC
+  # docs/method.md, Certification: ≈ 17.7 G multiply-adds at 224, ≈ 5.7 G at 32 with p = 4.
+  assert classify.forward_flops(rcmb) / 2 == pytest.approx(17.7e9, rel=0.01)
   cifar = common.model_config(width=768, depth=12, num_heads=12, patch_size=4, image_size=32)
   assert classify.forward_flops(cifar) / 2 == pytest.approx(5.7e9, rel=0.01)
   small = fashion_mnist_pretrain.get_config().model
@@ -246,7 +247,8 @@ def test_encoder_weights_come_from_the_chosen_copy(pretrain_dir, weights, field)
   for a, b in zip(jax.tree.leaves(vit), jax.tree.leaves(getattr(saved, field)["vit"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert info["num_scales"] == 81 and info["pretrain_step"] == 4
-  # checkpoints/<step> picks that step: N(2) of a 4-step run is 41 (icm, SPEC).
+  # checkpoints/<step> picks that step: N(2) of a 4-step run is 41
+  # (docs/method.md, Number of scales during pre-training).
   config.init_from = str(pretrain_dir / "checkpoints" / "2")
   _, info2 = classify.load_pretrained_encoder(config, _abstract_params(config))
   assert info2["pretrain_step"] == 2 and info2["num_scales"] == schedules.num_scales(2, 4) == 41

@@ -80,7 +80,10 @@ def test_eight_devices_equal_one_device():
 
 
 def test_batchnorm_normalizes_each_call_over_its_own_batch():
-  """Concatenating two views into one call would change the loss (SPEC step 7)."""
+  """Concatenating two views into one call would change the loss.
+
+  docs/method.md, Pre-training objective, step 7.
+  """
   config = tiny_config()
   batch = next(synthetic_batches(16)(0))
   loss_full, _, _ = _grads(config, parallel.make_mesh(jax.devices()[:1]), batch)
@@ -90,12 +93,13 @@ def test_batchnorm_normalizes_each_call_over_its_own_batch():
 
 
 def test_initial_loss_near_three_log_batch():
-  # The reference recording's sizes (shared/data/reference): width 64, projection 128 -> 32.
+  # The sizes of tests/testdata/rrcm_small.npz: width 64, projection 128 -> 32.
   config = tiny_config(batch_size=8, width=64, depth=2, num_heads=4, proj_hidden=128,
                        proj_out=32)
   views = next(synthetic_batches(8)(0))
   loss, _, aux = _grads(config, parallel.make_mesh(jax.devices()[:1]), views)
-  assert loss == pytest.approx(3 * np.log(8), abs=0.5)   # SPEC: ≈ 6.2 for 8 images
+  # docs/method.md, Pre-training objective: ≈ 6.2 for 8 images.
+  assert loss == pytest.approx(3 * np.log(8), abs=0.5)
   assert aux["contrast"].shape == (8,) and aux["consistency"].shape == (8,)
 
 

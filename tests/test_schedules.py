@@ -1,4 +1,4 @@
-"""Schedules against SPEC's (and hand-computed) values."""
+"""Schedules against the check values of docs/method.md (and hand-computed ones)."""
 import math
 
 import jax

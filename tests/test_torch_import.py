@@ -32,7 +32,7 @@ def _inputs():
 
 
 def _torch_shapes(time_mlp=False):
-  """Documented names (SPEC "State-dict layout") -> torch shapes of the tiny encoder."""
+  """Documented names (docs/method.md, State-dict layout) -> torch shapes of the tiny encoder."""
   d, num_tokens = WIDTH, 2 + (IMAGE // PATCH) ** 2
   shapes = {"patch_embed.proj.weight": (d, CHANNELS, PATCH, PATCH), "patch_embed.proj.bias": (d,),
             "cls_token": (1, 1, d), "pos_embed": (1, num_tokens, d),

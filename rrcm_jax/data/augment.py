@@ -12,7 +12,8 @@ the per-image work splits into two pure stages:
 Images are [H, W, C], C = 1 (Fashion-MNIST, MNIST) or 3, pixel space: uint8
 [0, 255] at the stage boundaries, float32 [0, 1] inside.
 
-Views (SPEC "Strong augmentations", BYOL-style, torchvision semantics):
+Views (docs/method.md, Pre-training objective, "Strong augmentations";
+BYOL-style, torchvision semantics):
   x   resize the short side + center crop (the image itself when it already
       has the target size, e.g. CIFAR-10 32x32, Fashion-MNIST 28x28), flip;
   a1  random resized crop (scale 0.08-1, ratio 3/4-4/3, bilinear as
