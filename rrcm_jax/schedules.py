@@ -1,8 +1,11 @@
-"""Schedules as pure functions of the optimizer step (SPEC).
+"""Schedules as pure functions of the optimizer step (docs/method.md).
 
 Each works on Python numbers and on traced jnp scalars alike, so the train
 step evaluates them inside `jit` without recompiling when their value
-changes (the number of scales goes 21 → 41 → 81).
+changes (the number of scales goes 21 → 41 → 81). Floating results use the
+default float: float32 inside the train step, float64 under
+`jax.experimental.enable_x64()` (how the tests compare them with the
+reference's float64 values).
 """
 import math
 
@@ -15,24 +18,30 @@ def icm_horizon(total_steps, start_scales=20, end_scales=80):
 
 
 def num_scales(step, total_steps, start_scales=20, end_scales=80):
-  """N(k) = min(s0 · 2^ceil(k/K'), s1) + 1 (the reference's ceil: N(0)=21, N(1)=41)."""
+  """N(k) = min(s0 · 2^ceil(k/K'), s1) + 1 (the reference's ceil: N(0)=21, N(1)=41), int32."""
   horizon = icm_horizon(total_steps, start_scales, end_scales)
   if isinstance(step, int):
     return min(start_scales * 2 ** math.ceil(step / horizon), end_scales) + 1
-  doublings = jnp.ceil(jnp.asarray(step, jnp.float32) / horizon)
+  # ceil(k/K') in integers: exact at any step (a float32 quotient is not).
+  doublings = (jnp.asarray(step, jnp.int32) + horizon - 1) // horizon
   # Clip the exponent first: 2^large overflows long before the min applies.
   doublings = jnp.minimum(doublings, math.ceil(math.log2(end_scales / start_scales)) + 1)
-  n = jnp.minimum(start_scales * 2.0 ** doublings, end_scales) + 1
+  n = jnp.minimum(start_scales * 2 ** doublings, end_scales) + 1
   return n.astype(jnp.int32)
 
 
+def _float(x):
+  """x as the default float: float32, or float64 under `jax.experimental.enable_x64`."""
+  return jnp.asarray(x, jnp.result_type(float))
+
+
 def target_ema(step, decay_steps, start=0.99, end=0.9999, A=15.0):
-  """The "sigmoid" target-network EMA rate μ(k) (SPEC; never quite reaches `end`).
+  """The "sigmoid" target-network EMA rate μ(k) (docs/method.md; never quite reaches `end`).
 
   e − μ0 is computed as frac·(μ1² − μ0²)/(e + μ0): the direct difference of two
   numbers near 1 loses most float32 digits, which A/(μ1 − μ0) then amplifies.
   """
-  frac = jnp.minimum(jnp.asarray(step, jnp.float32) / decay_steps, 1.0)
+  frac = jnp.minimum(_float(step) / decay_steps, 1.0)
   e = jnp.sqrt(frac * (end ** 2 - start ** 2) + start ** 2)
   e_minus_start = frac * (end ** 2 - start ** 2) / (e + start)
   c = 2.0 / (1.0 + jnp.exp(-A * e_minus_start / (end - start))) - 1.0
@@ -40,15 +49,31 @@ def target_ema(step, decay_steps, start=0.99, end=0.9999, A=15.0):
 
 
 def learning_rate(step, base_lr, warmup_steps, total_steps):
-  """Linear warm-up from 0 to `base_lr`, then cosine to 0 at `total_steps`."""
-  step = jnp.asarray(step, jnp.float32)
-  warm = base_lr * step / jnp.maximum(warmup_steps, 1)
-  progress = jnp.clip((step - warmup_steps) / jnp.maximum(total_steps - warmup_steps, 1), 0, 1)
-  cosine = 0.5 * base_lr * (1.0 + jnp.cos(jnp.pi * progress))
-  return jnp.where(step < warmup_steps, warm, cosine)
+  """`base_lr` · f(k): linear warm-up f = k/W for k ≤ W, then ½(1 + cos(π(k − W)/(T − W))).
+
+  f(0) = 0: the first update runs with learning rate 0 (Adam's moments still
+  move), as the reference's LambdaLR. f = 0 from k = T on. The factor is
+  formed first and multiplied last, in the reference's order of operations,
+  so that in float64 the values agree to the last bit or two.
+  """
+  step = _float(step)
+  warm = step / max(warmup_steps, 1)
+  progress = jnp.clip((step - warmup_steps) * math.pi / max(total_steps - warmup_steps, 1),
+                      0.0, math.pi)
+  cosine = 0.5 * (1.0 + jnp.cos(progress))
+  return base_lr * jnp.where(step <= warmup_steps, jnp.minimum(warm, 1.0), cosine)
 
 
 def clip_scale(grad_norm, step, warmup_steps, max_norm):
-  """Factor applied to the gradient: clip to `max_norm` only after warm-up."""
-  clipped = jnp.minimum(1.0, max_norm / jnp.maximum(grad_norm, 1e-12))
+  """Factor applied to the gradient: min(1, max_norm / (‖g‖ + 1e-6)) from step `warmup_steps` on.
+
+  The formula is torch's `clip_grad_norm_` (the reference clips with it); during
+  warm-up the factor is 1. The switch is a function of the step alone, so a
+  resumed run clips exactly as an uninterrupted one (the reference's flag is
+  only set when its counter passes the end of warm-up, so its resumed runs
+  never clip again).
+  """
+  if max_norm is None or max_norm <= 0:   # the reference's "gradclip 0": never clip
+    return jnp.ones_like(jnp.asarray(grad_norm))
+  clipped = jnp.minimum(1.0, max_norm / (grad_norm + 1e-6))
   return jnp.where(jnp.asarray(step) >= warmup_steps, clipped, 1.0)

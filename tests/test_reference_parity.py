@@ -127,13 +127,13 @@ def _rewind_running_stats(final, batch_updates, batch_size):
   """Torch running stats before some train-mode calls, from those after them.
 
   torch: S ← (1 − m)·S + m·(mean, unbiased var). `batch_updates` are the
-  batch statistics of each call as flax reports them after one update from
-  zero statistics: (m·mean, m·biased var) with flax momentum 1 − m.
+  batch statistics of each call as our BatchNorm reports them after one
+  update from zero statistics: (m·mean, m·unbiased var), the same rule.
   """
+  del batch_size   # models.BatchNorm already keeps torch's unbiased variance
   stats = final
   for update in reversed(batch_updates):
-    unbiased = {"mean": 1.0, "var": batch_size / (batch_size - 1.0)}
-    stats = {bn: {k: (stats[bn][k] - update[bn][k] * unbiased[k]) / (1 - TORCH_MOMENTUM)
+    stats = {bn: {k: (stats[bn][k] - update[bn][k]) / (1 - TORCH_MOMENTUM)
                   for k in ("mean", "var")} for bn in stats}
   return stats
 
