@@ -140,13 +140,49 @@ class ViT(nn.Module):
     return cls_out, feature
 
 
+class BatchNorm(nn.Module):
+  """torch.nn.BatchNorm1d over the leading axes of [..., C], float32.
+
+  Training mode normalizes with the batch mean and biased variance and moves
+  the running statistics as torch does: r ← m·r + (1 − m)·s with s = (batch
+  mean, *unbiased* batch variance) and m = `momentum` (torch's 0.1 is 0.9
+  here, flax's convention). `nn.BatchNorm` would keep the biased variance;
+  this one keeps the authors' running statistics step for step. Variables
+  are named as `nn.BatchNorm`'s: params scale, bias; batch_stats mean, var.
+  """
+  use_running_average: bool
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.astype(jnp.float32)
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      axes = tuple(range(x.ndim - 1))
+      mean = jnp.mean(x, axes)
+      var = jnp.mean(jnp.square(x - mean), axes)   # two-pass, as torch
+      if not self.is_initializing():
+        n = x.size // c
+        unbiased = var * (n / max(n - 1, 1))
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
+    return (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+
+
 class ProjectionHead(nn.Module):
   """Linear → BN → ReLU → Linear → BN → ReLU → Linear, no biases.
 
   BatchNorm normalizes over the whole (global) batch of the call in training
   mode: under `jit` with a batch sharded over devices, XLA reduces the
-  statistics across devices. Running statistics use flax's biased variance
-  (torch keeps the unbiased one); they are never used downstream.
+  statistics across devices. Running statistics follow torch (see
+  `BatchNorm`); they are never used downstream.
   """
   hidden: int
   out: int
@@ -157,8 +193,7 @@ class ProjectionHead(nn.Module):
   def __call__(self, h, train):
     dense = functools.partial(nn.Dense, use_bias=False, dtype=self.dtype,
                               kernel_init=_dense_init(self.init))
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5, dtype=jnp.float32)
+    norm = functools.partial(BatchNorm, use_running_average=not train)
     z = nn.relu(norm(name="bn_0")(dense(self.hidden, name="linear_0")(h)))
     z = nn.relu(norm(name="bn_1")(dense(self.hidden, name="linear_1")(z)))
     return dense(self.out, name="linear_2")(z).astype(jnp.float32)
