@@ -9,7 +9,9 @@
 #   ./run.sh setup      only the set-up.
 #
 # Environment: RRCM_WORKDIR (default workdirs/demo), RRCM_SIGMA (default 0.25),
-# PYTHON (default python3), RRCM_VENV (default .venv).
+# PYTHON (default python3), RRCM_VENV (default .venv: the virtualenv to create or reuse;
+# an existing one elsewhere, e.g. another checkout's, is used as it is, which is how
+# .ci/run tests a fresh clone without reinstalling).
 set -euo pipefail
 cd "$(dirname "$0")"
 
