@@ -63,35 +63,113 @@ def record_run(workdir, config, argv=None):
     f.write(json.dumps(entry) + "\n")
 
 
-class MetricsWriter:
-  """Appends metrics as JSON lines to <workdir>/metrics.jsonl, and to TensorBoard
-  event files when TensorFlow and TensorBoard are importable (process 0 only)."""
+class JsonLinesWriter:
+  """Scalars as JSON lines in <workdir>/<filename>, hyper-parameters in hparams.json.
+
+  Has the methods of a CLU `MetricWriter` that the trainers use, so it is one
+  writer among CLU's (TensorBoard, logging) when CLU is installed.
+  """
 
   def __init__(self, workdir, filename="metrics.jsonl"):
-    self.active = jax.process_index() == 0
     self.path = epath.Path(workdir) / filename
-    self._tb = None
-    if self.active:
-      try:
-        import tensorboard  # pylint: disable=g-import-not-at-top,unused-import
-        import tensorflow as tf  # pylint: disable=g-import-not-at-top
-        tf.config.set_visible_devices([], "GPU")
-        self._tb = tf.summary.create_file_writer(str(epath.Path(workdir) / "tensorboard"))
-      except ImportError:
-        self._tb = None
+    self.hparams_path = epath.Path(workdir) / "hparams.json"
 
-  def write(self, step, metrics):
+  def write_scalars(self, step, scalars):
+    row = dict(step=int(step), **{k: float(v) for k, v in scalars.items()})
+    with self.path.open("a") as f:
+      f.write(json.dumps(row) + "\n")
+
+  def write_hparams(self, hparams):
+    self.hparams_path.write_text(json.dumps(hparams, indent=2, sort_keys=True, default=str))
+
+  def flush(self):
+    pass
+
+  def close(self):
+    pass
+
+
+def _clu_writers(workdir):
+  """CLU's default writers (TensorBoard + logging); None where CLU or TensorFlow is absent
+  (CLU's writers import TensorFlow: GPU machines without it keep the JSON lines only)."""
+  try:
+    from clu.metric_writers import summary_writer  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return [summary_writer.SummaryWriter(str(epath.Path(workdir) / "tensorboard"))]
+
+
+class MetricsWriter:
+  """Metrics of process 0: <workdir>/metrics.jsonl always, TensorBoard event files through
+  CLU when it is installed; written on a background thread (`close` waits for them).
+
+  `write(step, metrics)` takes a dict of scalars; `write_hparams(flat_dict)` records the
+  run's hyper-parameters once (TensorBoard's HParams tab, hparams.json).
+  """
+
+  def __init__(self, workdir, filename="metrics.jsonl", asynchronous=True):
+    self.active = jax.process_index() == 0
+    self._writer = None
     if not self.active:
       return
-    scalars = {k: float(v) for k, v in metrics.items()}
-    with self.path.open("a") as f:
-      f.write(json.dumps(dict(step=int(step), **scalars)) + "\n")
-    if self._tb is not None:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      with self._tb.as_default(step=int(step)):
-        for k, v in scalars.items():
-          tf.summary.scalar(k, v)
-      self._tb.flush()
+    writers = [JsonLinesWriter(workdir, filename)] + (_clu_writers(workdir) or [])
+    try:
+      from clu.metric_writers import async_writer, multi_writer  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      self._writer = _Sequential(writers)
+      return
+    self._writer = (async_writer.AsyncMultiWriter(writers) if asynchronous
+                    else multi_writer.MultiWriter(writers))
+
+  def write(self, step, metrics):
+    if self.active:
+      self._writer.write_scalars(int(step), {k: float(v) for k, v in metrics.items()})
+
+  def write_hparams(self, hparams):
+    if self.active:
+      self._writer.write_hparams(dict(hparams))
+      self._writer.flush()
+
+  def flush(self):
+    if self.active:
+      self._writer.flush()
+
+  def close(self):
+    """Waits for pending writes; the writer cannot be used afterwards."""
+    if self.active and self._writer is not None:
+      self._writer.close()
+      self._writer = None
+      self.active = False
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+class _Sequential:
+  """Writes to each writer in turn, on the calling thread (when CLU is absent)."""
+
+  def __init__(self, writers):
+    self.writers = writers
+
+  def __getattr__(self, name):
+    return lambda *args: [getattr(w, name)(*args) for w in self.writers][-1]
+
+
+def flat_hparams(config):
+  """A config as {dotted.key: scalar or str}: what TensorBoard's HParams tab takes."""
+  flat = {}
+  def visit(prefix, value):
+    if hasattr(value, "items"):
+      for k, v in value.items():
+        visit(f"{prefix}{k}.", v)
+    else:
+      key = prefix[:-1]
+      flat[key] = value if isinstance(value, (bool, int, float, str)) else str(value)
+  visit("", config.to_dict() if hasattr(config, "to_dict") else config)
+  return flat
 
 
 def read_metrics(workdir, filename="metrics.jsonl"):
@@ -117,14 +195,18 @@ class Progress:
 
   def __init__(self, total, unit="step", start=0, width=30):
     self.total, self.unit, self.width = total, unit, width
-    self.start_count, self.start_time = start, time.time()
+    # The rate is measured from the first update on: the steps before it include compiling.
+    self.start_count, self.start_time = None, None
     self.active = jax.process_index() == 0
     self.tty = sys.stdout.isatty()
 
   def update(self, count, **fields):
     if not self.active:
       return
-    elapsed = max(time.time() - self.start_time, 1e-9)
+    now = time.time()
+    if self.start_time is None:
+      self.start_count, self.start_time = count, now
+    elapsed = max(now - self.start_time, 1e-9)
     rate = (count - self.start_count) / elapsed
     eta = (self.total - count) / rate if rate > 0 else float("inf")
     done = int(self.width * count / max(self.total, 1))

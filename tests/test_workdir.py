@@ -1,4 +1,7 @@
 """Run records and progress lines (rrcm_jax.workdir)."""
+import json
+import sys
+
 import pytest
 
 from rrcm_jax import workdir
@@ -12,9 +15,31 @@ def test_format_duration_counts_days(seconds, text):
   assert workdir.format_duration(seconds) == text
 
 
-def test_progress_eta_beyond_a_day(capsys, monkeypatch):
-  times = iter([0.0, 3600.0])   # one step per hour, 49 steps left -> 49 h
+def test_progress_eta_beyond_a_day_and_without_the_compiling_step(capsys, monkeypatch):
+  times = iter([5000.0, 8600.0])   # the first update follows compiling; then an hour a step
   monkeypatch.setattr(workdir.time, "time", lambda: next(times))
-  progress = workdir.Progress(total=50, start=0)
+  progress = workdir.Progress(total=51, start=0)
   progress.update(1)
+  assert "ETA --:--:--" in capsys.readouterr().out
+  progress.update(2)   # 49 steps left at one step per hour
   assert "ETA 2d 01:00:00" in capsys.readouterr().out
+
+
+def test_metrics_writer_json_lines_and_hparams(tmp_path):
+  with workdir.MetricsWriter(tmp_path) as writer:
+    writer.write_hparams(workdir.flat_hparams({"optim": {"lr": 1e-3}, "seed": 0, "x": (1, 2)}))
+    for step in (10, 20):
+      writer.write(step, {"loss": step / 10})
+  assert workdir.read_metrics(tmp_path) == [{"step": 10, "loss": 1.0}, {"step": 20, "loss": 2.0}]
+  hparams = json.loads((tmp_path / "hparams.json").read_text())
+  assert hparams == {"optim.lr": 1e-3, "seed": 0, "x": "(1, 2)"}
+
+
+def test_metrics_writer_without_clu(tmp_path, monkeypatch):
+  for name in [m for m in sys.modules if m == "clu" or m.startswith("clu.")] + ["clu"]:
+    monkeypatch.setitem(sys.modules, name, None)   # a machine without CLU (or TensorFlow)
+  writer = workdir.MetricsWriter(tmp_path)
+  writer.write(1, {"loss": 0.5})
+  writer.close()
+  assert workdir.read_metrics(tmp_path) == [{"step": 1, "loss": 0.5}]
+  assert not (tmp_path / "tensorboard").exists()
