@@ -6,10 +6,22 @@ one) plus every checkpoint whose step is a multiple of `save_every` (kept for
 good). Orbax writes into a temporary directory and renames it when complete,
 so an interrupted write is never restored. With several processes every
 process calls `save`; Orbax writes each array once, cooperatively.
+
+Every checkpoint carries <step>/rrcm_manifest.json, the size and SHA-256 of
+each of its files, written once Orbax has finished the step's files and
+before it commits the step, so a committed checkpoint always has one.
+Restoring verifies it: a checkpoint that fails (truncated or overwritten
+file, missing file, garbage metadata) is moved aside to <step>.corrupt, one
+sentence names the step and the file, and the newest verified older one is
+restored; when none is intact, one sentence and the run stops.
 """
+import collections
+import hashlib
+import json
 import math
 import os
 import signal
+import sys
 
 import jax
 import orbax.checkpoint as ocp
@@ -23,18 +35,92 @@ def absolute(workdir):
   return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
 
 
+MANIFEST = "rrcm_manifest.json"
+CORRUPT_SUFFIX = ".corrupt"
+# Orbax writes commit_success.txt and rewrites _CHECKPOINT_METADATA (the commit time) when
+# it commits a step, after the manifest; neither holds arrays or meta.
+_NOT_HASHED = frozenset({"commit_success.txt", "_CHECKPOINT_METADATA", MANIFEST,
+                         MANIFEST + ".tmp"})
+_READ_CHUNK = 1 << 22
+
+
+class CheckpointDamaged(ValueError):
+  """No intact checkpoint to resume from; the message is one sentence naming steps and files."""
+  exit_code = 65   # EX_DATAERR of sysexits.h: a distinct status for scripts and schedulers
+
+
+def _checkpoint_files(root):
+  """Sorted '/'-separated paths, relative to `root`, of the files a manifest covers."""
+  stack, found = [(root, "")], []
+  while stack:
+    directory, prefix = stack.pop()
+    for child in directory.iterdir():
+      if child.is_dir():
+        stack.append((child, f"{prefix}{child.name}/"))
+      elif child.name not in _NOT_HASHED:
+        found.append(prefix + child.name)
+  return sorted(found)
+
+
+def _size_and_sha256(path):
+  digest, size = hashlib.sha256(), 0
+  with path.open("rb") as f:
+    while chunk := f.read(_READ_CHUNK):
+      digest.update(chunk)
+      size += len(chunk)
+  return size, digest.hexdigest()
+
+
+def write_manifest(step_dir, step):
+  """Writes <step_dir>/rrcm_manifest.json ({file: [size, sha256]}) under a temporary
+  name first, so a manifest is either complete or absent."""
+  files = {name: list(_size_and_sha256(step_dir / name)) for name in _checkpoint_files(step_dir)}
+  temporary = step_dir / (MANIFEST + ".tmp")
+  temporary.write_text(json.dumps(dict(step=int(step), algorithm="sha256", files=files), indent=1))
+  temporary.rename(step_dir / MANIFEST)
+
+
+def verify_manifest(step_dir):
+  """None when every file of the manifest of `step_dir` has its recorded size and SHA-256;
+  otherwise "<file>: <what is wrong>" for the first that does not."""
+  try:
+    files = json.loads((step_dir / MANIFEST).read_text())["files"]
+  except (OSError, ValueError, KeyError, TypeError):
+    return f"{MANIFEST}: unreadable"
+  for name, (size, sha256) in sorted(files.items()):
+    path = step_dir / name
+    if not path.exists():
+      return f"{name}: missing"
+    found_size, found_sha256 = _size_and_sha256(path)
+    if found_size != size:
+      return f"{name}: {found_size} bytes, {size} written"
+    if found_sha256 != sha256:
+      return f"{name}: its SHA-256 differs from the one recorded at save time"
+  return None
+
+
 class Checkpointer:
-  """Saves and restores `{state, meta}`; `meta` is a JSON-able dict."""
+  """Saves and restores `{state, meta}` (`meta` a JSON-able dict), checksummed.
+
+  Keeps the newest `keep` checkpoints (two by default, so that a damaged newest
+  one has an intact predecessor) plus every multiple of `save_every`.
+  `notices` collects the one-sentence warnings restoring printed (fallbacks).
+  """
 
   def __init__(self, workdir, save_every=None, latest_every=None, subdir="checkpoints",
-               keep=1):
+               keep=2):
     self.directory = absolute(workdir) / subdir
+    self.notices = []
+    self._pending = collections.deque()   # steps whose manifest Orbax's finalization writes
+    self._saved = None
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=latest_every or save_every or 1, max_to_keep=keep,
-        keep_period=save_every, create=True, enable_async_checkpointing=True)
+        keep_period=save_every, create=True, enable_async_checkpointing=True,
+        async_options=ocp.AsyncOptions(post_finalization_callback=self._write_manifests))
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self):
+    """The newest committed step (verified when this process saved it), or None."""
     return self.manager.latest_step()
 
   def all_steps(self):
@@ -44,26 +130,125 @@ class Checkpointer:
     """Saves when the interval says so (or `force`); returns whether it did."""
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               meta=ocp.args.JsonSave(dict(meta or {}, step=int(step))))
-    return self.manager.save(int(step), args=args, force=force)
+    self._pending.append(int(step))
+    saved = self.manager.save(int(step), args=args, force=force)
+    if saved:
+      self._saved = int(step)
+    elif self._pending and self._pending[-1] == int(step):
+      self._pending.pop()
+    return saved
+
+  def _write_manifests(self):
+    """Orbax's post-finalization callback (its save thread): the step's files are
+    complete and not yet committed (still in <step>.orbax-checkpoint-tmp* on local
+    disks; on object stores Orbax writes <step>/ and commits with a marker file)."""
+    step = self._pending.popleft()   # one call per save, in order; later saves may be queued
+    if jax.process_index() == 0:
+      temporary = sorted(self.directory.glob(f"{step}.orbax-checkpoint-tmp*"))
+      write_manifest(temporary[-1] if temporary else self.directory / str(step), step)
+
+  def verify(self, step):
+    """None when checkpoint `step` matches its manifest, else "<file>: <what is wrong>"."""
+    return verify_manifest(self.directory / str(step))
+
+  def has_manifest(self, step):
+    return (self.directory / str(step) / MANIFEST).exists()
+
+  def newest_verified_step(self, move_aside=False):
+    """The newest step that passes verification (None when there are no checkpoints).
+
+    Each newer step that fails gets a one-sentence notice and, with `move_aside`
+    (a run resuming into this directory), is renamed <step>.corrupt so that the
+    run can save those steps again. Steps written before checksums existed (no
+    manifest) are accepted unverified, with a notice. Raises CheckpointDamaged
+    when every checkpoint fails.
+    """
+    steps = sorted(self.all_steps(), reverse=True)
+    damaged, found = [], None
+    for step in steps:
+      if not self.has_manifest(step):
+        self._notice(f"checkpoint step {step} in {self.directory} carries no checksums "
+                     "(written before rrcm-jax recorded them), so it is restored unverified.")
+        found = step
+        break
+      problem = self.verify(step)
+      if problem is None:
+        found = step
+        break
+      damaged.append((step, problem))
+    moved = self._move_aside([step for step, _ in damaged]) if move_aside and damaged else {}
+    if damaged and found is None:
+      listing = "; ".join(f"step {step}: {problem}" for step, problem in damaged)
+      raise CheckpointDamaged(
+          f"no checkpoint in {self.directory} is intact ({listing}); put back an intact copy, or "
+          "move the directory aside to start again from step 0.")
+    for step, problem in damaged:
+      where = f"moved it to {moved[step]}" if step in moved else "left it in place"
+      self._notice(f"checkpoint step {step} in {self.directory} failed verification ({problem}); "
+                   f"{where} and restoring step {found}, the newest verified checkpoint.")
+    return found
+
+  def _notice(self, text):
+    self.notices.append(text)
+    if jax.process_index() == 0:
+      print(f"warning: {text}", file=sys.stderr, flush=True)
+
+  def _move_aside(self, steps):
+    """Renames each step directory to <step>.corrupt (process 0); {step: new path}."""
+    moved = {}
+    for step in steps:
+      target = self.directory / f"{step}{CORRUPT_SUFFIX}"
+      suffix = 1
+      while target.exists():
+        target, suffix = self.directory / f"{step}{CORRUPT_SUFFIX}.{suffix}", suffix + 1
+      if jax.process_index() == 0:
+        (self.directory / str(step)).rename(target)
+      moved[step] = target
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("rrcm_checkpoints_moved_aside")
+    self.manager.reload()
+    return moved
 
   def restore(self, abstract_state, step=None):
-    """Restores (state, meta) of `step` (default the newest complete one), or None."""
-    step = self.latest_step() if step is None else step
+    """Restores (state, meta) of `step`, by default of the newest verified checkpoint
+    (moving damaged newer ones aside), or returns None when there is no checkpoint."""
     if step is None:
-      return None
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+      step = self.newest_verified_step(move_aside=True)
+      if step is None:
+        return None
+    elif self.has_manifest(step) and (problem := self.verify(step)) is not None:
+      raise CheckpointDamaged(f"checkpoint step {step} in {self.directory} failed verification "
+                              f"({problem}).")
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                              meta=ocp.args.JsonRestore())
+    if self.has_manifest(step):
+      restored = self.manager.restore(step, args=args)
+    else:   # unverified: a read error is the only sign of damage
+      try:
+        restored = self.manager.restore(step, args=args)
+      except Exception as e:  # pylint: disable=broad-except
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise CheckpointDamaged(f"checkpoint step {step} in {self.directory} (without checksums) "
+                                f"could not be read ({first}).") from None
     return restored["state"], restored["meta"]
 
   def restore_meta(self, step=None):
-    step = self.latest_step() if step is None else step
+    """The meta dict of `step` (default: the newest verified checkpoint), or None."""
+    step = self.newest_verified_step() if step is None else step
+    if step is None:
+      return None
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def wait(self):
+    """Blocks until the pending save is committed (with its manifest)."""
     self.manager.wait_until_finished()
+    if (self._saved is not None and jax.process_index() == 0
+        and (self.directory / str(self._saved)).exists() and not self.has_manifest(self._saved)):
+      raise RuntimeError(f"checkpoint step {self._saved} in {self.directory} was committed without "
+                         f"its {MANIFEST}; this Orbax version finalizes saves differently.")
 
   def close(self):
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
 
 
@@ -75,7 +260,8 @@ def check_finite(pending, ckpt, keys=("loss", "grad_norm", "param_norm")):
     if not all(math.isfinite(v) for v in values.values()):
       raise FloatingPointError(
           f"training diverged at step {step} ({', '.join(f'{k}={v}' for k, v in values.items())}); "
-          f"the last good checkpoint (step {ckpt.latest_step()}) in {ckpt.directory} is intact.")
+          f"the newest verified checkpoint (step {ckpt.latest_step()}) in {ckpt.directory} is "
+          "intact.")
 
 
 def abstract_like(tree, shardings=None):
