@@ -28,3 +28,7 @@ REFERENCE_DIR = os.environ.get("RRCM_REFERENCE_DIR") or os.path.join(os.path.dir
 def reference_file(name):
   """Path of a recorded reference file (tests/testdata/ or $RRCM_REFERENCE_DIR)."""
   return os.path.join(REFERENCE_DIR, name)
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: end-to-end tests that start subprocesses")

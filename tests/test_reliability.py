@@ -1,0 +1,159 @@
+"""Reliability: damaged checkpoints are detected and skipped, a kill during a save loses
+nothing committed, one run per workdir, certification logs heal after a kill."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rrcm_jax import certlog, checkpoints, report
+from rrcm_jax import workdir as workdir_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints.
+# ----------------------------------------------------------------------------
+def _state(step):
+  """A small TrainState-like tree whose values depend on `step`."""
+  return {"params": {"w": jnp.arange(3000, dtype=jnp.float32) + step},
+          "opt": {"mu": jnp.full((40, 50), float(step)), "count": jnp.asarray(step, jnp.int32)}}
+
+
+def _save_steps(workdir, steps=(1, 2)):
+  ckpt = checkpoints.Checkpointer(workdir, latest_every=1, keep=3)
+  for step in steps:
+    ckpt.save(step, _state(step), meta=dict(total_steps=10))
+  ckpt.close()
+
+
+def _restore(workdir):
+  ckpt = checkpoints.Checkpointer(workdir, latest_every=1, keep=3)
+  try:
+    restored = ckpt.restore(checkpoints.abstract_like(_state(0)))
+  finally:
+    ckpt.close()
+  return restored, ckpt
+
+
+def _largest_array_file(step_dir):
+  files = [p for p in step_dir.rglob("*") if p.is_file() and "/d/" in str(p)]
+  return max(files, key=lambda p: p.stat().st_size)
+
+
+def _truncate(step_dir):
+  path = _largest_array_file(step_dir)
+  with open(path, "r+b") as f:
+    f.truncate(path.stat().st_size // 2)
+  return path.name
+
+
+def _overwrite_middle(step_dir):
+  path = _largest_array_file(step_dir)
+  size = path.stat().st_size
+  with open(path, "r+b") as f:
+    f.seek(max(size // 2 - 2048, 0))
+    f.write(os.urandom(min(4096, size)))
+  assert path.stat().st_size == size
+  return path.name
+
+
+def _garbage_metadata(step_dir):
+  (step_dir / "state" / "_METADATA").write_text("{not json at all")
+  return "_METADATA"
+
+
+def _delete_state(step_dir):
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.rmtree(step_dir / "state")
+  return "state/"
+
+
+@pytest.mark.parametrize("damage", [_truncate, _overwrite_middle, _garbage_metadata,
+                                    _delete_state])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_intact_one(tmp_path, damage, capsys):
+  _save_steps(tmp_path)
+  named = damage(tmp_path / "checkpoints" / "2")
+  (state, meta), ckpt = _restore(tmp_path)
+  assert meta["step"] == 1
+  np.testing.assert_array_equal(state["params"]["w"], _state(1)["params"]["w"])
+  assert len(ckpt.notices) == 1
+  notice = ckpt.notices[0]
+  assert "step 2" in notice and named.rstrip("/") in notice and "restoring step 1" in notice
+  assert "newest verified checkpoint" in notice and notice.count(". ") == 0
+  assert notice in capsys.readouterr().err
+  # moved aside, so the resumed run can save step 2 again
+  assert (tmp_path / "checkpoints" / "2.corrupt").is_dir()
+  assert ckpt.all_steps() == [1]
+
+
+def test_no_intact_checkpoint_is_one_sentence_and_stops(tmp_path):
+  _save_steps(tmp_path)
+  _overwrite_middle(tmp_path / "checkpoints" / "1")
+  _truncate(tmp_path / "checkpoints" / "2")
+  with pytest.raises(checkpoints.CheckpointDamaged, match=r"no checkpoint in .* is intact "
+                     r"\(step 2: .*; step 1: .*\)") as error:
+    _restore(tmp_path)
+  assert "\n" not in str(error.value) and error.value.exit_code != 2
+
+
+def test_every_saved_checkpoint_carries_a_manifest_and_resaves_after_fallback(tmp_path):
+  _save_steps(tmp_path, (1, 2, 3))
+  for step in (1, 2, 3):
+    assert checkpoints.verify_manifest(tmp_path / "checkpoints" / str(step)) is None
+  _garbage_metadata(tmp_path / "checkpoints" / "3")
+  ckpt = checkpoints.Checkpointer(tmp_path, latest_every=1, keep=3)
+  (state, meta) = ckpt.restore(checkpoints.abstract_like(_state(0)))
+  assert meta["step"] == 2
+  assert ckpt.save(3, _state(3))   # step 3 was moved aside: it can be written again
+  ckpt.close()
+  (state, meta), _ = _restore(tmp_path)
+  assert meta["step"] == 3 and int(state["opt"]["count"]) == 3
+
+
+def test_a_checkpoint_without_manifest_is_restored_with_a_notice(tmp_path):
+  _save_steps(tmp_path)
+  (tmp_path / "checkpoints" / "2" / checkpoints.MANIFEST).unlink()
+  (_, meta), ckpt = _restore(tmp_path)
+  assert meta["step"] == 2 and "restored unverified" in ckpt.notices[0]
+
+
+_KILL_DURING_SAVE = textwrap.dedent("""
+    import os, signal, sys
+    import jax.numpy as jnp
+    from rrcm_jax import checkpoints
+    ckpt = checkpoints.Checkpointer(sys.argv[1], latest_every=1, keep=3)
+    ckpt.save(1, {"w": jnp.full((1000,), 1.0)})
+    ckpt.wait()
+    ckpt.save(2, {"w": jnp.full((1000,), 2.0), "big": jnp.ones((4096, 4096))})
+    os.kill(os.getpid(), signal.SIGKILL)   # while the save thread writes step 2
+""")
+
+
+@pytest.mark.slow
+def test_kill_during_save_restores_the_newest_intact_checkpoint(tmp_path):
+  proc = subprocess.run([sys.executable, "-c", _KILL_DURING_SAVE, str(tmp_path)], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == -9, proc.stderr[-2000:]
+  ckpt = checkpoints.Checkpointer(tmp_path, latest_every=1, keep=3)
+  assert ckpt.all_steps() == [1]   # step 2 never committed
+  state, meta = ckpt.restore({"w": jax.ShapeDtypeStruct((1000,), jnp.float32)})
+  ckpt.close()
+  assert meta["step"] == 1 and float(state["w"][0]) == 1.0 and not ckpt.notices
+
+
+def test_divergence_message_names_the_newest_verified_checkpoint(tmp_path):
+  ckpt = checkpoints.Checkpointer(tmp_path, latest_every=1)
+  ckpt.save(1, _state(1))
+  ckpt.wait()
+  with pytest.raises(FloatingPointError, match="newest verified checkpoint \\(step 1\\)"):
+    checkpoints.check_finite([(2, {"loss": float("nan")})], ckpt)
+  ckpt.close()
