@@ -1,8 +1,9 @@
-"""rrcm_jax.data.augment: each op eagerly and inside tf.data, distributions, PIL parity."""
+"""rrcm_jax.data.augment and .randaugment: each op eagerly and inside tf.data, distributions, PIL parity."""
 import numpy as np
 import pytest
 
 from rrcm_jax.data import augment as A
+from rrcm_jax.data import randaugment
 
 tf = A.tf
 SEED = tf.constant([7, 11], tf.int64)
@@ -35,7 +36,7 @@ PER_EXAMPLE_OPS = {
     "pretrain_views_rgb": (lambda im, s: A.pretrain_views(im, s, 32), (_image(32, 32, 3), SEED)),
     "pretrain_views_gray": (lambda im, s: A.pretrain_views(im, s, 28), (_image(28, 28, 1), SEED)),
     "pretrain_views_large": (lambda im, s: A.pretrain_views(im, s, 48), (_image(130, 100, 3), SEED)),
-    "rand_augment": (A.rand_augment, (_image(24, 20, 3), SEED)),
+    "rand_augment": (randaugment.rand_augment, (_image(24, 20, 3), SEED)),
     **{f"finetune_{a}": ((lambda im, s, a=a: A.finetune_view(im, s, 24, a)), (_image(40, 30, 3), SEED))
        for a in A.FINETUNE_AUGMENTS},
 }
@@ -199,7 +200,7 @@ def test_rand_augment_ops_match_pil():
                ImageEnhance.Brightness(im).enhance(f), ImageEnhance.Sharpness(im).enhance(f),
                affine((1, 0.27, 0, 0, 1, 0)), affine((1, 0, 0, 0.27, 1, 0)),
                affine((1, 0, 0.405 * 60, 0, 1, 0)), affine((1, 0, 0, 0, 1, 0.405 * 40))]
-  for k, (op, ref) in enumerate(zip(A._RAND_AUGMENT_OPS, reference)):
+  for k, (op, ref) in enumerate(zip(randaugment.OPS, reference)):
     out = np.round(op(tf.constant(arr, tf.float32), tf.constant(m), tf.constant(1.0)).numpy())
     diff = np.abs(out - np.asarray(ref, np.float32))
     if k in (3, 11, 12, 13, 14):  # geometric: border pixels differ
