@@ -2,11 +2,20 @@
 
 Paths go through `etils.epath`, so a `gs://` workdir works like a local one.
 Only process 0 writes records and metrics and prints progress.
+
+`lock(workdir)` keeps a second run out of a workdir while one runs (a file lock
+on local disks, a heartbeat lease on gs://).
 """
+import contextlib
+import fcntl
 import json
+import os
+import socket
 import subprocess
 import sys
+import threading
 import time
+import uuid
 
 import jax
 from etils import epath
@@ -222,3 +231,152 @@ class Progress:
     else:
       sys.stdout.write(line + "\n")
     sys.stdout.flush()
+
+
+# ----------------------------------------------------------------------------
+# One writer per workdir.
+# ----------------------------------------------------------------------------
+LOCK_NAME = ".rrcm_lock"
+
+
+class WorkdirBusy(ValueError):
+  """Another run holds the workdir; the message says who (host, pid, since when)."""
+  exit_code = 75   # EX_TEMPFAIL of sysexits.h: try again once the other run has ended
+
+
+def _owner_record(token):
+  now = time.time()
+  return dict(owner=token, host=socket.gethostname(), pid=os.getpid(), since=now, heartbeat=now)
+
+
+def _busy(workdir, holder):
+  if not holder:
+    return WorkdirBusy(f"--workdir={workdir} is in use by another run that has not recorded its "
+                       "host and pid yet; wait for it to end or use another workdir.")
+  since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(holder.get("since", 0)))
+  return WorkdirBusy(f"--workdir={workdir} is in use by pid {holder.get('pid')} on host "
+                     f"{holder.get('host')} (since {since}); wait for that run to end, stop it, "
+                     "or use another workdir.")
+
+
+class FileLock:
+  """An exclusive advisory lock (flock) on <workdir>/.rrcm_lock, for local and NFS disks.
+
+  The kernel releases it when the holding process ends, however it ends, so a
+  killed run never leaves a stale lock. The file records the holder (host, pid, since).
+  """
+
+  def __init__(self, workdir):
+    self.workdir = str(workdir)
+    self.path = os.path.join(self.workdir, LOCK_NAME)
+    self._fd = None
+
+  def acquire(self):
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      try:
+        holder = json.loads(os.pread(fd, 1 << 16, 0) or b"null")
+      except ValueError:
+        holder = None
+      os.close(fd)
+      raise _busy(self.workdir, holder) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(_owner_record(uuid.uuid4().hex)).encode(), 0)
+    os.fsync(fd)
+    self._fd = fd
+
+  def release(self):
+    if self._fd is not None:
+      os.ftruncate(self._fd, 0)
+      fcntl.flock(self._fd, fcntl.LOCK_UN)
+      os.close(self._fd)
+      self._fd = None
+
+
+class Lease:
+  """A lease for object stores (gs://), which have no locks: <workdir>/.rrcm_lock holds
+  {owner, host, pid, since, heartbeat}; the holder refreshes the heartbeat every
+  `heartbeat_s` seconds, and another run takes the lease over only when the heartbeat
+  is older than `stale_s` (the holder died). Object writes are atomic and last-writer-wins,
+  so after writing its record a run waits `settle_s` and reads it back: of two runs
+  racing for a free lease, only the one whose record stayed proceeds.
+  """
+
+  def __init__(self, workdir, heartbeat_s=30.0, stale_s=300.0, settle_s=2.0, clock=time.time):
+    if not 0 < heartbeat_s < stale_s:
+      raise ValueError(f"heartbeat_s={heartbeat_s} must be > 0 and below stale_s={stale_s}.")
+    self.workdir, self.path = str(workdir), epath.Path(workdir) / LOCK_NAME
+    self.heartbeat_s, self.stale_s, self.settle_s, self.clock = heartbeat_s, stale_s, settle_s, clock
+    self.token, self.lost, self.took_over = uuid.uuid4().hex, False, None
+    self._record, self._stop, self._thread = None, threading.Event(), None
+
+  def read(self):
+    try:
+      return json.loads(self.path.read_text())
+    except (OSError, ValueError):   # absent, or torn by a concurrent writer
+      return None
+
+  def acquire(self):
+    holder = self.read()
+    if holder and self.clock() - float(holder.get("heartbeat", 0)) < self.stale_s:
+      raise _busy(self.workdir, holder)
+    self._record = dict(_owner_record(self.token), since=self.clock(), heartbeat=self.clock())
+    self.path.write_text(json.dumps(self._record))
+    time.sleep(self.settle_s)
+    if (self.read() or {}).get("owner") != self.token:
+      raise _busy(self.workdir, self.read())
+    if holder:
+      self.took_over = holder
+      print(f"warning: took over --workdir={self.workdir} from pid {holder.get('pid')} on host "
+            f"{holder.get('host')}, whose heartbeat stopped more than {self.stale_s:g} s ago.",
+            file=sys.stderr, flush=True)
+    self._thread = threading.Thread(target=self._beat, name="rrcm-lease", daemon=True)
+    self._thread.start()
+
+  def heartbeat(self):
+    """Refreshes the heartbeat; returns False (and sets `lost`) if another run took over."""
+    if (self.read() or {}).get("owner") != self.token:
+      if not self.lost:
+        print(f"warning: another run took over --workdir={self.workdir}; this run no longer "
+              "holds it.", file=sys.stderr, flush=True)
+      self.lost = True
+      return False
+    self._record["heartbeat"] = self.clock()
+    self.path.write_text(json.dumps(self._record))
+    return True
+
+  def _beat(self):
+    while not self._stop.wait(self.heartbeat_s):
+      try:
+        if not self.heartbeat():
+          return
+      except OSError as e:   # a transient store error: the next beat retries
+        print(f"warning: lease heartbeat on {self.path} failed ({e}).", file=sys.stderr, flush=True)
+
+  def release(self):
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+    if (self.read() or {}).get("owner") == self.token:
+      self.path.unlink()
+
+
+@contextlib.contextmanager
+def lock(workdir, **lease_options):
+  """Holds `workdir` exclusively for the `with` block: a FileLock on local disks, a Lease
+  on object stores (gs://, options passed to Lease). Only process 0 of a multi-process
+  run takes it (the processes of one run share the workdir). Raises WorkdirBusy (one
+  sentence: host, pid, since when) when another run holds it. Yields the lock (or None).
+  """
+  if jax.process_index() != 0:
+    yield None
+    return
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  held = Lease(workdir, **lease_options) if "://" in str(workdir) else FileLock(workdir)
+  held.acquire()
+  try:
+    yield held
+  finally:
+    held.release()

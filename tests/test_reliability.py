@@ -157,3 +157,81 @@ def test_divergence_message_names_the_newest_verified_checkpoint(tmp_path):
   with pytest.raises(FloatingPointError, match="newest verified checkpoint \\(step 1\\)"):
     checkpoints.check_finite([(2, {"loss": float("nan")})], ckpt)
   ckpt.close()
+
+
+# ----------------------------------------------------------------------------
+# One run per workdir.
+# ----------------------------------------------------------------------------
+_HOLD_LOCK = textwrap.dedent("""
+    import sys, time
+    from rrcm_jax import workdir
+    with workdir.lock(sys.argv[1]):
+      print("locked", flush=True)
+      time.sleep(120)
+""")
+
+
+@pytest.mark.slow
+def test_a_second_process_is_told_who_holds_the_workdir(tmp_path):
+  holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(tmp_path)], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    second = subprocess.run([sys.executable, "-c", _HOLD_LOCK, str(tmp_path)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert second.returncode != 0 and "locked" not in second.stdout
+    last = second.stderr.strip().splitlines()[-1]
+    assert "WorkdirBusy" in last and f"pid {holder.pid} on host" in last and "since" in last
+    with pytest.raises(workdir_lib.WorkdirBusy, match=f"pid {holder.pid} "):
+      with workdir_lib.lock(tmp_path):
+        pass
+  finally:
+    holder.kill()   # SIGKILL: the kernel drops the lock, nothing stale remains
+    holder.wait()
+  with workdir_lib.lock(tmp_path) as held:
+    assert isinstance(held, workdir_lib.FileLock)
+
+
+class _Clock:
+  def __init__(self):
+    self.now = 1000.0
+
+  def __call__(self):
+    return self.now
+
+
+def test_lease_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path, capsys):
+  clock = _Clock()
+  options = dict(heartbeat_s=10, stale_s=60, settle_s=0, clock=clock)
+  first = workdir_lib.Lease(tmp_path, **options)
+  first.acquire()
+  first._stop.set()   # drive the heartbeat by hand with the fake clock
+  clock.now += 50
+  assert first.heartbeat()
+  clock.now += 50   # 50 s since the last heartbeat: still alive
+  second = workdir_lib.Lease(tmp_path, **options)
+  with pytest.raises(workdir_lib.WorkdirBusy, match=f"pid {os.getpid()} on host"):
+    second.acquire()
+  clock.now += 11   # 61 s: stale, the holder is presumed dead
+  second.acquire()
+  assert second.took_over["owner"] == first.token
+  assert "took over" in capsys.readouterr().err
+  assert not first.heartbeat() and first.lost   # the old holder learns it lost the lease
+  first.release()
+  assert second.read()["owner"] == second.token   # releasing a lost lease leaves the new one
+  second.release()
+  assert second.read() is None
+
+
+def test_lease_race_only_the_last_writer_proceeds(tmp_path, monkeypatch):
+  clock = _Clock()
+  first = workdir_lib.Lease(tmp_path, settle_s=0, clock=clock)
+  rival = dict(owner="rival", host="h", pid=1, since=clock(), heartbeat=clock())
+  sleep = time.sleep
+  def rival_writes_while_first_settles(seconds):
+    first.path.write_text(json.dumps(rival))
+    sleep(seconds)
+  monkeypatch.setattr(workdir_lib.time, "sleep", rival_writes_while_first_settles)
+  with pytest.raises(workdir_lib.WorkdirBusy, match="pid 1 on host h"):
+    first.acquire()
+  assert first.read()["owner"] == "rival"
