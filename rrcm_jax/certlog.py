@@ -9,10 +9,20 @@ A `LogWriter` appends and flushes one line per image, resumes an existing log
 (reporting which indices are done) and never truncates it. With several
 processes, process k writes `<path>.p<k>` and `merge_logs(path)` joins the
 parts into `<path>`, sorted by idx.
+
+Healing after a kill: a last row without its newline was cut short; readers
+skip it and a `LogWriter` moves it to `<path>.torn` (one-line notice), so the
+image is certified again. Rows that differ only in `time` are one result
+(kept once); rows of one image with different results are an error. The
+settings a log was made with are kept in the log itself, as a comment line
+`# rrcm-jax settings: {json}` before the header (`check_or_write_settings`);
+our readers skip `#` lines (pandas needs `comment="#"`).
 """
 import glob
+import json
 import os
 import re
+import sys
 
 import numpy as np
 
@@ -45,28 +55,44 @@ def parse_time(text):
   return int(days or 0) * 86400 + int(hours) * 3600 + int(minutes) * 60 + float(seconds)
 
 
+def _split(path):
+  """(leading `#` lines, complete lines after them) of a log; text after the last
+  newline (a row cut short by a kill) is left out."""
+  with open(path, errors="replace") as f:
+    lines = [line.rstrip("\r") for line in f.read().split("\n")[:-1]]
+  comments = 0
+  while comments < len(lines) and lines[comments].startswith("#"):
+    comments += 1
+  return lines[:comments], lines[comments:]
+
+
+def _result(parsed, mode):
+  """What a row says about its image: every column but `time`."""
+  return tuple(parsed[key] for key in COLUMNS[mode] if key != "time")
+
+
 def _read_rows(path):
   """(mode, {idx: raw line}) of an existing log; ValueError if not Cohen's format."""
-  with open(path, errors="replace") as f:
-    lines = f.read().split("\n")
-  first = lines[0].rstrip("\r")
+  _, lines = _split(path)
+  first = lines[0] if lines else ""
   mode = next((m for m in COLUMNS if first == header(m)), None)
   if mode is None:
     raise ValueError(f"{path} is not a Cohen-format certification log: its first line is {first!r}, "
                      f"but must be {header('certify')!r} or {header('predict')!r}.")
-  rows = {}
+  rows, results = {}, {}
   for number, line in enumerate(lines[1:], start=2):
-    line = line.rstrip("\r")
     if not line.strip():
       continue
     try:
-      idx = _parse_row(line, mode)["idx"]
+      parsed = _parse_row(line, mode)
     except ValueError:
       raise ValueError(f"{path}, line {number}: {line!r} is not a complete {mode} row "
                        f"({header(mode)!r}).") from None
-    if idx in rows and rows[idx] != line:
+    idx = parsed["idx"]
+    if idx in results and results[idx] != _result(parsed, mode):
       raise ValueError(f"{path}: image {idx} appears twice with different results.")
-    rows[idx] = line
+    rows.setdefault(idx, line)   # the same result twice (a restart's repeat): kept once
+    results[idx] = _result(parsed, mode)
   return mode, rows
 
 
@@ -95,6 +121,7 @@ class LogWriter:
     header(mode)  # validates mode
     self.path, self.mode = path, mode
     self.done = set()
+    heal(path)
     exists = os.path.exists(path) and os.path.getsize(path) > 0
     if exists:
       found, rows = _read_rows(path)
@@ -105,8 +132,6 @@ class LogWriter:
     self._file = open(path, "a")
     if not exists:
       self._append(header(mode) + "\n")
-    elif not _ends_with_newline(path):
-      self._append("\n")
 
   def write(self, idx, label, predict, correct, seconds, radius=None):
     """Appends the row of image `idx` (radius in pixel space; CERTIFY mode only) and flushes."""
@@ -137,10 +162,29 @@ class LogWriter:
     self.close()
 
 
-def _ends_with_newline(path):
+def heal(path):
+  """Moves a last row cut short (no trailing newline: the writer was killed in the middle
+  of it) from the log at `path` to `<path>.torn`, with a one-line notice, so that its
+  image is certified again. Returns the moved text, or None when the log is whole."""
+  if not os.path.exists(path):
+    return None
   with open(path, "rb") as f:
-    f.seek(-1, os.SEEK_END)
-    return f.read(1) == b"\n"
+    data = f.read()
+  if not data or data.endswith(b"\n"):
+    return None
+  cut = data.rfind(b"\n") + 1
+  torn = data[cut:]
+  with open(path + ".torn", "ab") as f:
+    f.write(torn + b"\n")
+    f.flush()
+    os.fsync(f.fileno())
+  with open(path, "r+b") as f:
+    f.truncate(cut)
+    os.fsync(f.fileno())
+  text = torn.decode(errors="replace")
+  print(f"note: {path} ended in a row cut short ({text!r}); moved it to {path}.torn, and its "
+        "image will be certified again.", file=sys.stderr, flush=True)
+  return text
 
 
 def part_paths(path):
@@ -165,14 +209,17 @@ def merge_logs(path, parts=None):
     mode, rows = _read_rows(source)
     modes.add(mode)
     for idx, line in rows.items():
-      if idx in merged and merged[idx] != line:
+      if idx in merged and (_result(_parse_row(merged[idx], mode), mode) !=
+                            _result(_parse_row(line, mode), mode)):
         raise ValueError(f"image {idx} has different results in {source} and another part.")
-      merged[idx] = line
+      merged.setdefault(idx, line)
   if len(modes) > 1:
     raise ValueError(f"cannot merge logs of different modes {sorted(modes)}: {sources}.")
+  comments = next((c for c in (_split(s)[0] for s in sources) if c), [])   # the settings line
   temporary = path + ".merging"
   with open(temporary, "w") as f:
-    f.write("\n".join([header(modes.pop())] + [merged[i] for i in sorted(merged)]) + "\n")
+    f.write("\n".join(comments + [header(modes.pop())] + [merged[i] for i in sorted(merged)]) +
+            "\n")
   os.replace(temporary, path)
   return len(merged)
 
@@ -193,3 +240,83 @@ def read_log(path):
     result[key] = np.array([row[key] for row in parsed], dtype)
   result["correct"] = result["correct"].astype(bool)
   return result
+
+
+# ----------------------------------------------------------------------------
+# The settings a log was made with, kept in the log itself.
+# ----------------------------------------------------------------------------
+SETTINGS_PREFIX = "# rrcm-jax settings: "
+
+
+def read_settings(path):
+  """The settings recorded in the log's `# rrcm-jax settings:` line, or None."""
+  if not os.path.exists(path):
+    return None
+  for line in _split(path)[0]:
+    if line.startswith(SETTINGS_PREFIX):
+      return json.loads(line[len(SETTINGS_PREFIX):])
+  return None
+
+
+def _flat(settings, prefix=""):
+  flat = {}
+  for key, value in settings.items():
+    if isinstance(value, dict):
+      flat.update(_flat(value, f"{prefix}{key}."))
+    else:
+      flat[prefix + key] = value
+  return flat
+
+
+def _compare(path, saved, ours, ignore):
+  saved, ours = _flat(saved), _flat(json.loads(json.dumps(ours)))   # tuples -> lists, as saved
+  for key in sorted((set(saved) | set(ours)) - set(ignore)):
+    if saved.get(key) != ours.get(key):
+      raise ValueError(f"{path} was made with {key}={saved.get(key)!r}, this run has "
+                       f"{ours.get(key)!r}; restart with the same settings or use another workdir.")
+
+
+def check_or_write_settings(path, settings, ignore=("classifier.train_flops",)):
+  """Binds the log at `path` to `settings` (a JSON-able dict with "mode": what its rows
+  depend on), so that a restart with other settings cannot append to it.
+
+  A new (or empty) log gets the settings line and the header. A log that has the line is
+  compared with it key by key (dotted keys in `ignore` excepted): ValueError, one sentence
+  naming the first key that differs. A log written before settings were kept in logs
+  adopts them when its rows agree with the `<log>.json` beside it (certify's record);
+  with rows and neither record, nothing can tell which settings made them: ValueError.
+  Single writer: call from process 0 before the LogWriters open.
+  """
+  mode = settings["mode"]
+  line = SETTINGS_PREFIX + json.dumps(settings, sort_keys=True)
+  if not os.path.exists(path) or os.path.getsize(path) == 0:
+    _replace(path, [line, header(mode)])
+    return
+  saved = read_settings(path)
+  if saved is not None:
+    _compare(path, saved, settings, ignore)
+    return
+  found, rows = _read_rows(path)
+  sidecar = (path[:-len(".tsv")] if path.endswith(".tsv") else path) + ".json"
+  if os.path.exists(sidecar):
+    with open(sidecar) as f:
+      _compare(path, json.load(f)["settings"], settings, ignore)
+  elif rows:
+    raise ValueError(f"{path} has {len(rows)} rows but no record of the settings they were made "
+                     f"with (no settings line, no {sidecar}); certify into another workdir.")
+  if found != mode:
+    raise ValueError(f"{path} is a {found}-mode log, but mode is {mode!r}: pick another log "
+                     f"path or the matching mode.")
+  heal(path)
+  comments, lines = _split(path)
+  _replace(path, comments + [line] + lines)
+
+
+def _replace(path, lines):
+  """Writes `lines` to `path` atomically (a temporary file, then a rename)."""
+  temporary = path + ".settings"
+  with open(temporary, "w") as f:
+    f.write("\n".join(lines) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(temporary, path)

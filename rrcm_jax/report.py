@@ -47,6 +47,18 @@ def log_radius(log):
   return log["radius"] if "radius" in log else np.zeros(log["idx"].shape)
 
 
+def check_finite_radii(labels, logs):
+  """ValueError (one sentence) at the first log with a radius that is not a finite number."""
+  for label, log in zip(labels, logs):
+    radius = log_radius(log)
+    bad = ~np.isfinite(radius)
+    if bad.any():
+      i = int(np.argmax(bad))
+      raise ValueError(f"{label}: image {int(log['idx'][i])} has radius {float(radius[i])}, but a "
+                       "certified radius is a finite number; the log is damaged or the run that "
+                       "wrote it failed, so it is not reported.")
+
+
 def summarize(logs, radii):
   """Certified accuracies [L, R] and ACRs [L] of L logs (`certlog.read_log` dicts)."""
   accuracies = np.stack([certified_accuracy(log_radius(log), log["correct"], radii) for log in logs])
@@ -69,6 +81,7 @@ def table_rows(labels, logs, radii, digits=3):
   With several logs the best value per column is wrapped in ** ** and a
   "best" row (the envelope, and the best ACR) is appended.
   """
+  check_finite_radii(labels, logs)
   accuracies, acrs = summarize(logs, radii)
   values = np.concatenate([accuracies, acrs[:, None]], axis=1)
   marks = best_mask(values)
@@ -154,6 +167,7 @@ def main(argv=None):
     if len(labels) != len(args.logs):
       raise ValueError(f"--labels must give one label per log ({len(args.logs)}), got {len(labels)}.")
     logs = [certlog.read_log(path) for path in args.logs]
+    check_finite_radii(labels, logs)
   except (ValueError, OSError) as e:
     parser.exit(2, f"error: {e}\n")
   print(markdown_table(labels, logs, radii, args.digits))

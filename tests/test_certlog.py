@@ -54,15 +54,17 @@ def test_resume_skips_done_and_never_truncates(tmp_path):
   assert list(certlog.read_log(path)["idx"]) == [0, 20, 40, 60]
 
 
-def test_resume_after_a_line_without_newline(tmp_path):
+def test_a_last_line_without_newline_is_torn_and_certified_again(tmp_path):
   path = tmp_path / "certify.log"
   path.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t0.5\t1\t1.0")
+  assert len(certlog.read_log(str(path))["idx"]) == 0   # readers skip the cut-short row
   with certlog.LogWriter(str(path)) as writer:
-    assert writer.done == {0}
-    writer.write(1, label=1, predict=1, correct=True, seconds=1.0, radius=0.25)
-  assert list(certlog.read_log(str(path))["idx"]) == [0, 1]
-  path.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t0.5\t1\t1.0\n1\t1\t1")
-  with pytest.raises(ValueError, match="line 3: .* is not a complete certify row"):
+    assert writer.done == set()
+    writer.write(0, label=1, predict=1, correct=True, seconds=1.0, radius=0.5)
+  assert list(certlog.read_log(str(path))["idx"]) == [0]
+  assert (tmp_path / "certify.log.torn").read_text() == "0\t1\t1\t0.5\t1\t1.0\n"
+  path.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n1\t1\t1\n0\t1\t1\t0.5\t1\t1.0\n")
+  with pytest.raises(ValueError, match="line 2: .* is not a complete certify row"):
     certlog.LogWriter(str(path))
 
 

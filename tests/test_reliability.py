@@ -235,3 +235,91 @@ def test_lease_race_only_the_last_writer_proceeds(tmp_path, monkeypatch):
   with pytest.raises(workdir_lib.WorkdirBusy, match="pid 1 on host h"):
     first.acquire()
   assert first.read()["owner"] == "rival"
+
+
+# ----------------------------------------------------------------------------
+# Certification logs.
+# ----------------------------------------------------------------------------
+SETTINGS = dict(mode="certify", sigma=0.25, n=100, n0=10, alpha=0.001, seed=0,
+                classifier=dict(source="finetune", checkpoint="last", train_flops=1.0))
+
+
+def _write_rows(path, *rows):
+  with certlog.LogWriter(str(path)) as writer:
+    for idx, predict, radius, seconds in rows:
+      writer.write(idx, label=1, predict=predict, correct=predict == 1, seconds=seconds,
+                   radius=radius)
+
+
+def test_torn_last_row_is_moved_aside_and_its_image_certified_again(tmp_path, capsys):
+  path = tmp_path / "certify_sigma0.25.tsv"
+  certlog.check_or_write_settings(str(path), SETTINGS)
+  _write_rows(path, (0, 1, 0.5, 1.0), (1, 1, 0.75, 1.0))
+  with open(path, "a") as f:
+    f.write("2\t1\t1\t0.3")   # killed in the middle of image 2's row
+  with certlog.LogWriter(str(path)) as writer:
+    assert writer.done == {0, 1}
+    writer.write(2, label=1, predict=1, correct=True, seconds=2.0, radius=0.375)
+  err = capsys.readouterr().err
+  assert "row cut short" in err and "certified again" in err and len(err.strip().splitlines()) == 1
+  assert (tmp_path / "certify_sigma0.25.tsv.torn").read_text() == "2\t1\t1\t0.3\n"
+  log = certlog.read_log(str(path))
+  assert list(log["idx"]) == [0, 1, 2] and log["radius"][2] == 0.375
+  assert certlog.read_settings(str(path)) == json.loads(json.dumps(SETTINGS))
+
+
+def test_rows_differing_only_in_time_are_one_result_conflicts_are_refused(tmp_path):
+  path = tmp_path / "certify.tsv"
+  head = "idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
+  path.write_text(head + "0\t1\t1\t0.5\t1\t1.0\n0\t1\t1\t0.5\t1\t7.5\n3\t2\t-1\t0.0\t0\t2.0\n")
+  log = certlog.read_log(str(path))
+  assert list(log["idx"]) == [0, 3] and log["time"][0] == 1.0
+  path.write_text(head + "0\t1\t1\t0.5\t1\t1.0\n0\t1\t1\t0.625\t1\t1.0\n")
+  with pytest.raises(ValueError, match="image 0 appears twice with different results"):
+    certlog.read_log(str(path))
+  part = tmp_path / "certify.tsv.p0"
+  part.write_text(head + "0\t1\t1\t0.5\t1\t9.0\n")
+  path.write_text(head + "0\t1\t1\t0.5\t1\t1.0\n")
+  assert certlog.merge_logs(str(path)) == 1
+
+
+def test_settings_live_in_the_log_so_a_lost_sidecar_cannot_let_other_settings_append(tmp_path):
+  path = str(tmp_path / "certify_sigma0.25.tsv")
+  certlog.check_or_write_settings(path, SETTINGS)
+  _write_rows(path, (0, 1, 0.5, 1.0))
+  assert not os.path.exists(path[:-4] + ".json")   # no sidecar at all
+  certlog.check_or_write_settings(path, dict(SETTINGS, classifier=dict(SETTINGS["classifier"],
+                                                                       train_flops=2.0)))
+  with pytest.raises(ValueError, match=r"was made with n=100, this run has 1000; restart with"):
+    certlog.check_or_write_settings(path, dict(SETTINGS, n=1000))
+  assert list(certlog.read_log(path)["idx"]) == [0]
+  # multi-process parts merged into the log keep its settings line
+  pathlib.Path(path + ".p1").write_text(certlog.header("certify") + "\n1\t1\t1\t0.25\t1\t1.0\n")
+  assert certlog.merge_logs(path) == 2 and certlog.read_settings(path)["n"] == 100
+
+
+def test_a_log_without_settings_adopts_its_sidecar_or_refuses(tmp_path):
+  path = str(tmp_path / "certify_sigma0.25.tsv")
+  _write_rows(path, (0, 1, 0.5, 1.0))   # written before settings were kept in logs
+  with pytest.raises(ValueError, match="no record of the settings"):
+    certlog.check_or_write_settings(path, SETTINGS)
+  with open(path[:-4] + ".json", "w") as f:
+    json.dump(dict(settings=SETTINGS), f)
+  with pytest.raises(ValueError, match="was made with sigma=0.25, this run has 0.5"):
+    certlog.check_or_write_settings(path, dict(SETTINGS, sigma=0.5))
+  certlog.check_or_write_settings(path, SETTINGS)
+  os.remove(path[:-4] + ".json")
+  assert certlog.read_settings(path)["sigma"] == 0.25
+  assert list(certlog.read_log(path)["idx"]) == [0]
+
+
+def test_report_refuses_non_finite_radii(tmp_path):
+  path = tmp_path / "certify.tsv"
+  path.write_text(certlog.header("certify") + "\n0\t1\t1\t0.5\t1\t1.0\n4\t1\t1\tnan\t1\t1.0\n")
+  log = certlog.read_log(str(path))
+  with pytest.raises(ValueError, match=r"^x: image 4 has radius nan, but a certified radius is a "
+                     r"finite number; [^.]*\.$"):
+    report.markdown_table(["x"], [log])
+  with pytest.raises(SystemExit) as stop:
+    report.main([str(path)])
+  assert stop.value.code == 2
