@@ -16,7 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-import benchmarks
+from benchmarks import report, timing
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Square sizes that fill the machine: a 1024-2048 product keeps two CPU cores
@@ -64,7 +64,7 @@ def matmul_rate(dtype="float32", sizes=None, repeats=5):
   best = 0.0
   for size in sizes or default_sizes():
     fn, flops = product_timer(size, dtype)
-    best = max(best, flops / benchmarks.best_seconds(fn, repeats))
+    best = max(best, flops / timing.best_seconds(fn, repeats))
   return best
 
 
@@ -86,11 +86,11 @@ def main(argv=None):
     for size in sizes:
       rate = matmul_rate(dtype, [size], args.repeats)
       rows.append(dict(dtype=dtype, size=size, gflops=rate / 1e9,
-                       load_average=benchmarks.load_average()))
-  print(benchmarks.format_table(rows, [("dtype", "dtype", "{}"), ("size", "n", "{}"),
+                       load_average=report.load_average()))
+  print(report.format_table(rows, [("dtype", "dtype", "{}"), ("size", "n", "{}"),
                                        ("gflops", "GFLOP/s", "{:.1f}"),
                                        ("load_average", "load", "{:.2f}")]))
-  path = benchmarks.write_results("matmul", dict(rows=rows), args.out)
+  path = report.write_results("matmul", dict(rows=rows), args.out)
   print(f"wrote {path}")
   return rows
 

@@ -35,7 +35,7 @@ if "jax" not in sys.modules:   # FSDP needs 8 devices; on CPU XLA can simulate t
 import jax
 import numpy as np
 
-import benchmarks
+from benchmarks import report
 from configs import imagenet_pretrain_rcmb
 from rrcm_jax import checkpoints, models, parallel, pretrain, train_state
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -171,15 +171,15 @@ def main(argv=None):
       for row in case_rows(batch, remat, mesh, depths, args.full_depth, args.image_size,
                            fsdp_options, args.width, args.target_depth):
         rows.append(row)
-        print(benchmarks.format_table([row], COLUMNS).splitlines()[-1], file=sys.stderr, flush=True)
-  print(benchmarks.format_table(rows, COLUMNS))
+        print(report.format_table([row], COLUMNS).splitlines()[-1], file=sys.stderr, flush=True)
+  print(report.format_table(rows, COLUMNS))
   fitting = [r for r in rows if r["fits_80gb"]]
   for remat in (False, True):
     for fsdp in (False, True):
       ok = [r["batch_per_device"] for r in fitting if r["remat"] == remat and r["fsdp"] == fsdp]
       print(f"remat={remat} fsdp={fsdp}: largest per-device batch that fits 80 GB: "
             f"{max(ok) if ok else 'none measured'}")
-  path = benchmarks.write_results("memory", dict(rows=rows, image_size=args.image_size,
+  path = report.write_results("memory", dict(rows=rows, image_size=args.image_size,
                                                  width=args.width or 768,
                                                  device_memory_gb=DEVICE_MEMORY_GB,
                                                  usable_fraction=USABLE_FRACTION), args.out)

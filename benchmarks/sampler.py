@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import benchmarks
+from benchmarks import report, timing
 from benchmarks import matmul
 from configs import common, fashion_mnist_pretrain, imagenet_pretrain_rcmb
 from rrcm_jax import classify, models, smoothing
@@ -113,18 +113,18 @@ def measure(name, chunks, dtype="float32", attention=None, rounds=3, seconds=1.0
         matmul=mm_fn,
         sampler=functools.partial(_run_sampler, sampler, params, pixels, indices, num),
         forward=lambda x=x_model: forward(params, x).block_until_ready())
-    t = benchmarks.interleaved_best(runs, rounds=rounds)
+    t = timing.interleaved_best(runs, rounds=rounds)
     best_rate = max(best_rate, mm_flops / t["matmul"].wall)
     rows.append(dict(
         model=name, dtype=dtype, chunk=chunk, images=images,
         samples_per_s=num * images / t["sampler"].wall,
         gflops=num * images * flops / t["sampler"].wall / 1e9,
-        **benchmarks.efficiency(num * images * flops, t["sampler"], mm_flops, t["matmul"]),
+        **timing.efficiency(num * images * flops, t["sampler"], mm_flops, t["matmul"]),
         forward_samples_per_s=chunk * images / t["forward"].wall,
-        **benchmarks.efficiency(chunk * images * flops, t["forward"], mm_flops, t["matmul"],
+        **timing.efficiency(chunk * images * flops, t["forward"], mm_flops, t["matmul"],
                                 prefix="forward_"),
         matmul_gflops=mm_flops / t["matmul"].wall / 1e9, traces=sampler.trace_count,
-        load_average=benchmarks.load_average()))
+        load_average=report.load_average()))
   for row in rows:
     row["fraction_of_best"] = row["gflops"] * 1e9 / best_rate
   return rows, dict(flops_per_sample=flops, best_matmul_gflops=best_rate / 1e9,
@@ -337,7 +337,7 @@ def main(argv=None):
     images, labels = load_images(args.agreement_images, args.agreement_count)
     agree = agreement(args.agreement, images, labels, samples=args.agreement_samples)
   if rows:
-    print(benchmarks.format_table(rows, COLUMNS))
+    print(report.format_table(rows, COLUMNS))
   if agree:
     print(f"{agree['dtypes'][1]} vs {agree['dtypes'][0]} on {agree['noisy_inputs']} noisy inputs "
           f"(sigma {agree['sigma']}): "
@@ -348,7 +348,7 @@ def main(argv=None):
     shares = ", ".join(f"{k} {v:.1%}" for k, v in p["shares"].items())
     print(f"profile {p['model']} chunk {p['chunk']}: {shares}; XLA counts "
           f"{p['xla_flops_per_call'] / p['analytic_flops_per_call']:.2f}x the analytic FLOPs")
-  path = benchmarks.write_results("sampler", dict(rows=rows, models=per_model,
+  path = report.write_results("sampler", dict(rows=rows, models=per_model,
                                                   profiles=profiles, agreement=agree), args.out)
   print(f"wrote {path}")
   return rows

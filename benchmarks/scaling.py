@@ -25,7 +25,7 @@ import time
 import jax
 import numpy as np
 
-import benchmarks
+from benchmarks import report
 from benchmarks import sampler as sampler_bench
 from rrcm_jax import smoothing
 
@@ -81,7 +81,7 @@ def run(model, ns, image_counts, chunk):
     n_rows.append(dict(n=n, seconds=seconds, seconds_per_sample=seconds / (n + N0),
                        max_rss_mb=max_rss_mb(), live_array_mb=live_array_mb(),
                        device_peak_mb=device_peak_mb(),
-                       load_average=benchmarks.load_average()))
+                       load_average=report.load_average()))
   n_images = min([n for n in ns if n >= 10_000] or [max(ns)])
   image_rows = []
   for count in image_counts:
@@ -89,7 +89,7 @@ def run(model, ns, image_counts, chunk):
     index += count
     image_rows.append(dict(images=count, n=n_images, seconds=seconds,
                            seconds_per_image=seconds / count,
-                           load_average=benchmarks.load_average()))
+                           load_average=report.load_average()))
   a, b, r2 = linear_fit([r["n"] for r in n_rows], [r["seconds"] for r in n_rows])
   ai, bi, r2i = linear_fit([r["images"] for r in image_rows], [r["seconds"] for r in image_rows])
   rss = [r["max_rss_mb"] for r in n_rows]
@@ -116,7 +116,7 @@ def main(argv=None):
     args.model, args.ns, args.images, args.chunk = "tiny", "200,1000,3000", "1,2", 64
   result = run(args.model, [int(n) for n in args.ns.split(",")],
                [int(k) for k in args.images.split(",")], args.chunk)
-  print(benchmarks.format_table(
+  print(report.format_table(
       result["n_rows"] + result["image_rows"],
       [("n", "n", "{}"), ("images", "images", "{}"), ("seconds", "seconds", "{:.2f}"),
        ("seconds_per_sample", "s/sample", "{:.2e}"), ("seconds_per_image", "s/image", "{:.2f}"),
@@ -129,7 +129,7 @@ def main(argv=None):
         f"(r2 {fit_images['r2']:.4f}); max RSS growth over n {result['rss_growth_mb']:.1f} MB; "
         f"traces after the first image {result['traces_after_first_image']}, "
         f"at the end {result['traces_at_end']}")
-  path = benchmarks.write_results("scaling", result, args.out)
+  path = report.write_results("scaling", result, args.out)
   print(f"wrote {path}")
   return result
 

@@ -28,7 +28,7 @@ import time
 import jax
 import numpy as np
 
-import benchmarks
+from benchmarks import report, timing
 from benchmarks import matmul, sampler
 from configs import cifar10_pretrain_rcmb, common, fashion_mnist_pretrain, imagenet_pretrain_rcmb
 from rrcm_jax import classify, models, parallel, pretrain
@@ -113,16 +113,16 @@ def on_device_row(name, config, mesh, steps, rounds, matmul_sizes):
   mm_dtype = "float32" if jax.default_backend() == "cpu" else config.model.dtype
   mm_fn, mm_flops = matmul.product_timer(matmul_sizes[0], mm_dtype)
   # A timed step call lasts seconds on a CPU, a matmul call a tenth: more matmul samples.
-  t = benchmarks.interleaved_best(dict(matmul=mm_fn, step=stepper), rounds=rounds,
+  t = timing.interleaved_best(dict(matmul=mm_fn, step=stepper), rounds=rounds,
                                   repeats=dict(matmul=5, step=1))
   flops = classify.training_flops("pretrain", config.model, 1)
   images = config.batch_size * steps
   return dict(config=name, mode="on device", batch=config.batch_size, dtype=config.model.dtype,
               remat=bool(config.model.remat), devices=mesh.devices.size,
               images_per_s=images / t["step"].wall, gflops=images * flops / t["step"].wall / 1e9,
-              **benchmarks.efficiency(images * flops, t["step"], mm_flops, t["matmul"]),
+              **timing.efficiency(images * flops, t["step"], mm_flops, t["matmul"]),
               matmul_gflops=mm_flops / t["matmul"].wall / 1e9, flops_per_image=flops,
-              peak_gb=peak_gb, load_average=benchmarks.load_average()), stepper
+              peak_gb=peak_gb, load_average=report.load_average()), stepper
 
 
 def profile_step(name, stepper):
@@ -162,7 +162,7 @@ def pipeline_row(name, config, mesh, stepper, steps, data_dir=None):
   return dict(config=name, mode="with pipeline", batch=config.batch_size,
               dtype=config.model.dtype, source=data.name,
               images_per_s=config.batch_size * steps / seconds,
-              load_average=benchmarks.load_average())
+              load_average=report.load_average())
 
 
 COLUMNS = [("config", "config", "{}"), ("mode", "mode", "{}"), ("batch", "batch", "{}"),
@@ -201,14 +201,14 @@ def main(argv=None):
       profiles.append(profile_step(name, stepper))
     if not args.no_pipeline:
       rows.append(pipeline_row(name, config, mesh, stepper, args.steps * 2, args.data_dir))
-  print(benchmarks.format_table([r for r in rows if "skipped" not in r], COLUMNS))
+  print(report.format_table([r for r in rows if "skipped" not in r], COLUMNS))
   for r in rows:
     if "skipped" in r:
       print(f"{r['config']} {r['mode']}: skipped, {r['skipped']}")
   for p in profiles:
     shares = ", ".join(f"{k} {v:.1%}" for k, v in p["shares"].items())
     print(f"profile {p['config']} batch {p['batch']}: {shares}")
-  path = benchmarks.write_results("train_step", dict(rows=rows, profiles=profiles), args.out)
+  path = report.write_results("train_step", dict(rows=rows, profiles=profiles), args.out)
   print(f"wrote {path}")
   return rows
 
