@@ -95,6 +95,14 @@ def _flax_path(name, want):
   return next((c for c in candidates if c in want), None)
 
 
+def _as_float32(value):
+  """np.asarray, floating point as float32; no copy when it already is (views stay views)."""
+  array = np.asarray(value)
+  if np.issubdtype(array.dtype, np.floating) and array.dtype != np.float32:
+    array = array.astype(np.float32)
+  return array
+
+
 def from_torch(state_dict, expected, model_name="model"):
   """A timm / HF state dict -> the model's params tree (numpy float32), checked.
 
@@ -122,7 +130,7 @@ def from_torch(state_dict, expected, model_name="model"):
     if path in flat:
       raise ValueError(f"{raw_name} appears twice in the state dict (once under another name).")
     transform = _transform_of(path, want[path])
-    array = torch_import._as_float32(value)   # pylint: disable=protected-access
+    array = _as_float32(value)
     if array.shape != _torch_shape(want[path], transform):
       raise ValueError(f"{raw_name} has shape {array.shape}, {model_name} expects "
                        f"{_torch_shape(want[path], transform)}.")
@@ -164,13 +172,13 @@ def read_state_dict(path, which=None, trusted=False):
       one to read; see `torch_import.load_torch_checkpoint`.
     trusted: let torch unpickle arbitrary objects; only for trusted files.
   """
+  if not path.endswith(SUFFIXES):
+    raise ValueError(f"checkpoint {path} must end with one of {SUFFIXES}.")
   if not os.path.exists(path):
     raise ValueError(f"checkpoint {path} does not exist.")
   if path.endswith(".safetensors"):
     return _read_safetensors(path)
-  if path.endswith(SUFFIXES):
-    return torch_import.load_torch_checkpoint(path, which=which, trusted=trusted)
-  raise ValueError(f"checkpoint {path} must end with one of {SUFFIXES}.")
+  return torch_import.load_torch_checkpoint(path, which=which, trusted=trusted)
 
 
 def load_params(source, model, sample_input, model_name=None, which=None, trusted=False):
