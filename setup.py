@@ -27,7 +27,7 @@ setup(
         "data": ["tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9", "importlib_resources",
                  "tensorboard"],
         "plots": ["matplotlib"],
-        "torch": ["torch"],
+        "torch": ["torch", "timm", "transformers", "safetensors"],
         "test": [
             "tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9", "importlib_resources",
             "tensorboard", "matplotlib", "pytest", "pytest-xdist",
