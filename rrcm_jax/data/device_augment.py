@@ -91,6 +91,11 @@ def resized_crop(image, box, size):
   Bilinear, half-pixel centres, clamped at the image edges (`augment.resized_crops`
   without its box-halving, which never applies when H, W < 2 size).
   """
+  return to_uint8(resized_crop_float(image, box, size))
+
+
+def resized_crop_float(image, box, size):
+  """`resized_crop` before rounding: float32 [size, size, C] in [0, 1]."""
   top, left, crop_h, crop_w = box
   height, width = image.shape[:2]
   y_lo, y_hi, y_w = _sample_coords(top, crop_h, height, size)
@@ -102,7 +107,7 @@ def resized_crop(image, box, size):
   xw, yw = x_w[None, :, None], y_w[:, None, None]
   upper = tl + (tr - tl) * xw                      # crop_and_resize's order of operations
   lower = bl + (br - bl) * xw
-  return to_uint8(upper + (lower - upper) * yw)
+  return upper + (lower - upper) * yw
 
 
 def flip(image, u):
