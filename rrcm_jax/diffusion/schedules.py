@@ -20,8 +20,9 @@ def betas(noise_schedule, num_steps):
   "cosine": β_t = min(1 − f((t+1)/T) / f(t/T), 0.999), f(u) = cos²((u + 0.008)/1.008 · π/2)
   (Nichol & Dhariwal).
   """
-  if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
+  if not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool) or num_steps < 1:
     raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}.")
+  num_steps = int(num_steps)
   if noise_schedule == "linear":
     scale = 1000 / num_steps
     return np.linspace(scale * 0.0001, scale * 0.02, num_steps, dtype=np.float64)
