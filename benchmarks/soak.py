@@ -1,0 +1,155 @@
+r"""Soak: a tiny pre-training killed (SIGKILL) at random moments, resumed each time, must end
+bit for bit where an uninterrupted run ends.
+
+    nice -n 10 python benchmarks/soak.py [--kills 20] [--steps 40] [--latest-every 2]
+
+1. A reference run: `python -m rrcm_jax.pretrain` on the synthetic data source with a
+   tiny ViT, uninterrupted; its wall time, and the time to its first training step, set
+   the kill window.
+2. The soak: the same command in another workdir, SIGKILLed `--kills` times, each time
+   after a random delay uniform in [0, startup + run / kills] (so kills land while Python
+   starts, while XLA compiles, between steps and while Orbax writes a checkpoint), then
+   run to completion.
+3. Both final checkpoints are restored and every array (parameters, EMA and target copies,
+   optimizer moments, step) is compared bit for bit.
+
+Prints one JSON line: kills (delivered while the run was alive), restarts, final steps,
+equal, the number of arrays compared and differing, damaged-checkpoint notices seen,
+orphaned temporary checkpoint directories, and wall seconds.
+"""
+import argparse
+import json
+import os
+import pathlib
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = ["--config.data.name=synthetic", "--config.model.width=32", "--config.model.depth=1",
+        "--config.model.num_heads=2", "--config.model.proj_hidden=16",
+        "--config.model.proj_out=8", "--config.batch_size=16", "--config.log_every=1"]
+
+
+def command(workdir, steps, latest_every):
+  return [sys.executable, "-m", "rrcm_jax.pretrain", "--config=configs/fashion_mnist_pretrain.py",
+          f"--workdir={workdir}", *TINY, f"--config.total_steps={steps}",
+          f"--config.latest_every={latest_every}"]
+
+
+def start(cmd, log):
+  return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1"))
+
+
+def reference_run(cmd, log_path):
+  """(wall seconds, seconds to the first training step) of an uninterrupted run."""
+  begin = time.time()
+  first_step = None
+  with open(log_path, "w") as log:
+    proc = start(cmd, log)
+    while proc.poll() is None:
+      time.sleep(0.2)
+      if first_step is None and " step 1/" in pathlib.Path(log_path).read_text(errors="replace"):
+        first_step = time.time() - begin
+    if proc.returncode:
+      raise SystemExit(f"the reference run failed (status {proc.returncode}); see {log_path}.")
+  wall = time.time() - begin
+  return wall, first_step or wall
+
+
+def soak(cmd, kills, window, log_path, rng):
+  """Kills the run `kills` times at random moments, then lets it finish; (kills delivered,
+  restarts, final status)."""
+  delivered = restarts = 0
+  with open(log_path, "w") as log:
+    while delivered < kills:
+      proc = start(cmd, log)
+      restarts += 1
+      try:
+        proc.wait(timeout=rng.uniform(0.0, window))
+      except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        delivered += 1
+        log.write(f"\n=== soak: SIGKILL {delivered} ===\n")
+        log.flush()
+        continue
+      if proc.returncode == 0:   # finished before the next kill: nothing left to interrupt
+        break
+      raise SystemExit(f"a resumed run failed by itself (status {proc.returncode}); see {log_path}.")
+    proc = start(cmd, log)
+    restarts += 1
+    status = proc.wait()
+  return delivered, restarts, status
+
+
+def final_arrays(workdir):
+  """(step, {path: numpy array}) of the newest verified checkpoint of `workdir`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from rrcm_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  ckpt = checkpoints.Checkpointer(workdir)
+  try:
+    step = ckpt.newest_verified_step()
+    restored = ckpt.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))["state"]
+  finally:
+    ckpt.close()
+  flat = jax.tree_util.tree_flatten_with_path(restored)[0]
+  return step, {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in flat}
+
+
+def compare(reference, soaked):
+  """(arrays compared, paths whose dtype, shape or bits differ)."""
+  differ = sorted(set(reference) ^ set(soaked))
+  for path in sorted(set(reference) & set(soaked)):
+    a, b = reference[path], soaked[path]
+    if a.dtype != b.dtype or a.shape != b.shape or a.tobytes() != b.tobytes():
+      differ.append(path)
+  return len(reference), differ
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--kills", type=int, default=20)
+  parser.add_argument("--steps", type=int, default=40)
+  parser.add_argument("--latest-every", type=int, default=2)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--root", default=None, help="directory for both workdirs (default: temp)")
+  parser.add_argument("--keep", action="store_true", help="keep the workdirs and logs")
+  args = parser.parse_args(argv)
+  rng = random.Random(args.seed)
+  root = pathlib.Path(args.root or tempfile.mkdtemp(prefix="rrcm_soak_"))
+  root.mkdir(parents=True, exist_ok=True)
+  begin = time.time()
+  wall, startup = reference_run(command(root / "reference", args.steps, args.latest_every),
+                                root / "reference.log")
+  window = startup + (wall - startup) / max(args.kills, 1)
+  delivered, restarts, status = soak(command(root / "soaked", args.steps, args.latest_every),
+                                     args.kills, window, root / "soaked.log", rng)
+  if status:
+    raise SystemExit(f"the last resumed run failed (status {status}); see {root / 'soaked.log'}.")
+  ref_step, ref = final_arrays(str(root / "reference"))
+  soak_step, soaked = final_arrays(str(root / "soaked"))
+  compared, differ = compare(ref, soaked)
+  text = (root / "soaked.log").read_text(errors="replace")
+  result = dict(kills=delivered, restarts=restarts, steps=args.steps, reference_step=ref_step,
+                soaked_step=soak_step, equal=not differ and ref_step == soak_step,
+                arrays=compared, differing=differ[:5],
+                damaged_notices=text.count("failed verification"),
+                orphaned_tmp_dirs=len(list((root / "soaked" / "checkpoints").glob("*tmp*"))),
+                kill_window_s=round(window, 1), wall_s=round(time.time() - begin, 1))
+  print(json.dumps(result), flush=True)
+  if not args.keep:
+    shutil.rmtree(root, ignore_errors=True)
+  return 0 if result["equal"] else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
