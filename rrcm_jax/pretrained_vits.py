@@ -83,6 +83,11 @@ class PatchEmbed(nn.Module):
     return y.reshape(x.shape[0], -1, self.width).astype(jnp.float32)
 
 
+def _check_choice(value, allowed, what):
+  if value not in allowed:
+    raise ValueError(f"{what} must be one of {allowed}, got {value!r}.")
+
+
 class Mlp(nn.Module):
   """fc1 → exact GELU → fc2 (timm `Mlp`, HF `ViTMLP`)."""
   hidden: int
@@ -108,6 +113,7 @@ class TimmAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x):
+    _check_choice(self.qkv_bias, QKV_BIAS, "qkv_bias")
     b, t, d = x.shape
     h = self.num_heads
     qkv = nn.Dense(3 * d, use_bias=self.qkv_bias == "full", dtype=self.dtype, name="qkv")(x)
@@ -162,11 +168,6 @@ class TimmBlock(nn.Module):
       return x + self.param("gamma_2", nn.initializers.ones, (d,)) * mlp(z(x))
     x = x + y
     return x + mlp(z(x))
-
-
-def _check_choice(value, allowed, what):
-  if value not in allowed:
-    raise ValueError(f"{what} must be one of {allowed}, got {value!r}.")
 
 
 class TimmVisionTransformer(nn.Module):
