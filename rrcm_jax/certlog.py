@@ -276,7 +276,7 @@ def _compare(path, saved, ours, ignore):
                        f"{ours.get(key)!r}; restart with the same settings or use another workdir.")
 
 
-def check_or_write_settings(path, settings, ignore=("classifier.train_flops",)):
+def check_or_write_settings(path, settings, ignore=("classifier.train_flops",), write=True):
   """Binds the log at `path` to `settings` (a JSON-able dict with "mode": what its rows
   depend on), so that a restart with other settings cannot append to it.
 
@@ -285,12 +285,14 @@ def check_or_write_settings(path, settings, ignore=("classifier.train_flops",)):
   naming the first key that differs. A log written before settings were kept in logs
   adopts them when its rows agree with the `<log>.json` beside it (certify's record);
   with rows and neither record, nothing can tell which settings made them: ValueError.
-  Single writer: call from process 0 before the LogWriters open.
+  Several processes: all call it before the LogWriters open (all raise alike), only
+  process 0 with `write` (the file is replaced atomically, so readers see either version).
   """
   mode = settings["mode"]
   line = SETTINGS_PREFIX + json.dumps(settings, sort_keys=True)
   if not os.path.exists(path) or os.path.getsize(path) == 0:
-    _replace(path, [line, header(mode)])
+    if write:
+      _replace(path, [line, header(mode)])
     return
   saved = read_settings(path)
   if saved is not None:
@@ -307,9 +309,10 @@ def check_or_write_settings(path, settings, ignore=("classifier.train_flops",)):
   if found != mode:
     raise ValueError(f"{path} is a {found}-mode log, but mode is {mode!r}: pick another log "
                      f"path or the matching mode.")
-  heal(path)
-  comments, lines = _split(path)
-  _replace(path, comments + [line] + lines)
+  if write:
+    heal(path)
+    comments, lines = _split(path)
+    _replace(path, comments + [line] + lines)
 
 
 def _replace(path, lines):

@@ -241,7 +241,7 @@ LOCK_NAME = ".rrcm_lock"
 
 class WorkdirBusy(ValueError):
   """Another run holds the workdir; the message says who (host, pid, since when)."""
-  exit_code = 75   # EX_TEMPFAIL of sysexits.h: try again once the other run has ended
+  exit_code = 69   # EX_UNAVAILABLE of sysexits.h (75 is a preempted run's)
 
 
 def _owner_record(token):
@@ -370,12 +370,24 @@ def lock(workdir, **lease_options):
   run takes it (the processes of one run share the workdir). Raises WorkdirBusy (one
   sentence: host, pid, since when) when another run holds it. Yields the lock (or None).
   """
-  if jax.process_index() != 0:
+  held, refusal = None, None
+  if jax.process_index() == 0:
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    held = Lease(workdir, **lease_options) if "://" in str(workdir) else FileLock(workdir)
+    try:
+      held.acquire()
+    except WorkdirBusy as e:
+      refusal = e
+  if jax.process_count() > 1:   # every process stops, not only process 0
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    if not int(multihost_utils.broadcast_one_to_all(int(refusal is None))):
+      raise refusal or WorkdirBusy(f"--workdir={workdir} is in use by another run (process 0 "
+                                   "says who).")
+  if refusal is not None:
+    raise refusal
+  if held is None:
     yield None
     return
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  held = Lease(workdir, **lease_options) if "://" in str(workdir) else FileLock(workdir)
-  held.acquire()
   try:
     yield held
   finally:

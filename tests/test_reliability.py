@@ -95,6 +95,18 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_intact_one(tmp_pat
   assert ckpt.all_steps() == [1]
 
 
+def test_readers_verify_without_moving_anything(tmp_path):
+  _save_steps(tmp_path)
+  _overwrite_middle(tmp_path / "checkpoints" / "2")
+  ckpt = checkpoints.Checkpointer(tmp_path)
+  assert ckpt.verified_step() == 1 and ckpt.verified_step(1) == 1
+  with pytest.raises(checkpoints.CheckpointDamaged, match="step 2 .* failed verification"):
+    ckpt.verified_step(2)
+  assert ckpt.restore_meta()["step"] == 1
+  ckpt.close()
+  assert (tmp_path / "checkpoints" / "2").is_dir()
+
+
 def test_no_intact_checkpoint_is_one_sentence_and_stops(tmp_path):
   _save_steps(tmp_path)
   _overwrite_middle(tmp_path / "checkpoints" / "1")
@@ -102,7 +114,9 @@ def test_no_intact_checkpoint_is_one_sentence_and_stops(tmp_path):
   with pytest.raises(checkpoints.CheckpointDamaged, match=r"no checkpoint in .* is intact "
                      r"\(step 2: .*; step 1: .*\)") as error:
     _restore(tmp_path)
-  assert "\n" not in str(error.value) and error.value.exit_code != 2
+  assert "\n" not in str(error.value)
+  # distinct statuses: bad input 2, damaged checkpoints, busy workdir, preempted (75)
+  assert len({2, 75, error.value.exit_code, workdir_lib.WorkdirBusy.exit_code}) == 4
 
 
 def test_every_saved_checkpoint_carries_a_manifest_and_resaves_after_fallback(tmp_path):
@@ -285,6 +299,8 @@ def test_rows_differing_only_in_time_are_one_result_conflicts_are_refused(tmp_pa
 
 def test_settings_live_in_the_log_so_a_lost_sidecar_cannot_let_other_settings_append(tmp_path):
   path = str(tmp_path / "certify_sigma0.25.tsv")
+  certlog.check_or_write_settings(path, SETTINGS, write=False)   # processes other than 0
+  assert not os.path.exists(path)
   certlog.check_or_write_settings(path, SETTINGS)
   _write_rows(path, (0, 1, 0.5, 1.0))
   assert not os.path.exists(path[:-4] + ".json")   # no sidecar at all
