@@ -188,6 +188,17 @@ class Checkpointer:
                    f"{where} and restoring step {found}, the newest verified checkpoint.")
     return found
 
+  def verified_step(self, step=None):
+    """`step` if it passes verification (CheckpointDamaged if not), or with None the
+    newest verified step (None when there are no checkpoints); for readers of another
+    run's checkpoints, which never move anything aside."""
+    if step is None:
+      return self.newest_verified_step()
+    if self.has_manifest(step) and (problem := self.verify(step)) is not None:
+      raise CheckpointDamaged(f"checkpoint step {step} in {self.directory} failed verification "
+                              f"({problem}).")
+    return step
+
   def _notice(self, text):
     self.notices.append(text)
     if jax.process_index() == 0:
@@ -212,13 +223,9 @@ class Checkpointer:
   def restore(self, abstract_state, step=None):
     """Restores (state, meta) of `step`, by default of the newest verified checkpoint
     (moving damaged newer ones aside), or returns None when there is no checkpoint."""
+    step = self.newest_verified_step(move_aside=True) if step is None else self.verified_step(step)
     if step is None:
-      step = self.newest_verified_step(move_aside=True)
-      if step is None:
-        return None
-    elif self.has_manifest(step) and (problem := self.verify(step)) is not None:
-      raise CheckpointDamaged(f"checkpoint step {step} in {self.directory} failed verification "
-                              f"({problem}).")
+      return None
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                               meta=ocp.args.JsonRestore())
     if self.has_manifest(step):
