@@ -124,6 +124,7 @@ def test_extrapolation_is_linear_in_depth():
   assert figures["peak"] == pytest.approx(43.0)
 
 
+@pytest.mark.slow
 def test_gpu_check_cpu_runs(tmp_path):
   env = dict(os.environ, XLA_FLAGS="", PYTHON=sys.executable)
   env.pop("OUT", None)

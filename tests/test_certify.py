@@ -87,6 +87,7 @@ def classifier_dir(tmp_path_factory):
   return shared_finetune_workdir(tmp_path_factory)
 
 
+@pytest.mark.slow
 def test_cli_writes_cohen_log_and_report(classifier_dir, tmp_path):
   workdir = tmp_path / "certify"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",

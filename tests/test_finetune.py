@@ -377,6 +377,7 @@ def test_bad_config_is_one_sentence(key, value, match, tmp_path):
   assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_cli_bad_init_from_is_one_sentence(tmp_path):
   env = dict(os.environ, XLA_FLAGS="")
   proc = subprocess.run(

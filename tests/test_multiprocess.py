@@ -26,6 +26,8 @@ from rrcm_jax import certify, certlog, parallel, pretrain, workdir as workdir_li
 from test_certify import FAST, TINY, apply, cli_flags, rows, tiny_certify_config
 from test_certify import shared_finetune_workdir
 
+pytestmark = pytest.mark.slow   # every test here starts processes through the CLIs
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PROCESSES, DEVICES_PER_PROCESS = 2, 2
 PRETRAIN_TINY = {"data.name": "synthetic", "data.cache": False, "model.width": 32, "model.depth": 1,

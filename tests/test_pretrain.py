@@ -246,6 +246,7 @@ def _cli(workdir, *extra):
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_cli_unknown_key_is_one_clear_error(tmp_path):
   proc = _cli(tmp_path / "w", "--config.model.widht=3")
   out, _ = proc.communicate(timeout=120)
@@ -253,6 +254,7 @@ def test_cli_unknown_key_is_one_clear_error(tmp_path):
   assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_cli_trains_survives_sigterm_and_resumes(tmp_path):
   workdir = tmp_path / "w"
   proc = _cli(workdir, "--config.total_steps=100000")

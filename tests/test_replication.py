@@ -143,6 +143,7 @@ def test_bad_controls_are_one_sentence(capsys, tmp_path):
   assert code == 2 and "has no complete pre-training" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_quick_run_end_to_end_then_resumes(tmp_path):
   root = tmp_path / "replication"
   proc = run_quick(root)
