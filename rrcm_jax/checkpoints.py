@@ -213,7 +213,13 @@ class Checkpointer:
       while target.exists():
         target, suffix = self.directory / f"{step}{CORRUPT_SUFFIX}.{suffix}", suffix + 1
       if jax.process_index() == 0:
-        (self.directory / str(step)).rename(target)
+        try:
+          (self.directory / str(step)).rename(target)
+        except Exception as e:  # pylint: disable=broad-except  (object stores may refuse)
+          # left in place it would stop every later save at or below its step
+          raise CheckpointDamaged(
+              f"checkpoint step {step} in {self.directory} failed verification and could not "
+              f"be moved aside ({e}); move or delete it, then rerun.") from None
       moved[step] = target
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("rrcm_checkpoints_moved_aside")
