@@ -1,8 +1,11 @@
 """Shared defaults for every rrcm-jax experiment config.
 
-A config is an experiment: each file under `configs/` builds on these
-sections and sets what its row of the paper (docs/method.md) says. Every key can be
-overridden on the command line as `--config.a.b=v`.
+A config is an experiment: each file under `configs/` builds on the sections
+and stage builders here (and on nothing else under `configs/`) and sets what
+its row of the paper (docs/method.md) says. Every key can be overridden on the
+command line as `--config.a.b=v`; the config's own argument follows
+big_vision's grammar, `--config=configs/x.py:sigma=0.5,quick=True`, parsed by
+`parse_arg`.
 
 Quantities derived from `total_steps` (learning-rate warm-up, target-EMA
 decay steps, the icm schedule's horizon) are `FieldReference`s: overriding
@@ -11,6 +14,62 @@ decay steps, the icm schedule's horizon) are `FieldReference`s: overriding
 import ml_collections
 
 FieldReference = ml_collections.FieldReference
+SIGMAS = (0.25, 0.5, 1.0)   # certification noise levels of the paper, pixel space
+
+
+class _Required:
+  def __repr__(self):
+    return "REQUIRED"
+
+
+REQUIRED = _Required()   # a `parse_arg` default: the key must be given
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _convert(name, text, typ):
+  if typ is bool:
+    if text.lower() not in _BOOLS:
+      raise ValueError(f"the config argument {name}={text!r} must be True or False.")
+    return _BOOLS[text.lower()]
+  try:
+    return typ(text)
+  except ValueError:
+    raise ValueError(f"the config argument {name}={text!r} must be of type "
+                     f"{typ.__name__}.") from None
+
+
+def parse_arg(arg, **spec):
+  """A config's argument, big_vision's grammar: "key=value,key=value" -> ConfigDict.
+
+  `spec` names every key the config accepts: `name=default` (the value's type
+  is the default's) or `name=(type, default)`; `REQUIRED` as the default makes
+  the key mandatory. A bool key may be given bare ("quick" = "quick=True").
+  Unknown or missing keys and unconvertible values raise one ValueError.
+  """
+  spec = {k: v if isinstance(v, tuple) else (type(v), v) for k, v in spec.items()}
+  given = {}
+  for item in (arg or "").split(","):
+    if not item:
+      continue
+    key, has_value, text = item.partition("=")
+    if key not in spec:
+      raise ValueError(f"the config argument {item!r} is not one of the accepted keys "
+                       f"{sorted(spec)} (write key=value,key=value).")
+    if not has_value and spec[key][0] is not bool:
+      raise ValueError(f"the config argument {item!r} needs a value: {key}=VALUE.")
+    given[key] = _convert(key, text if has_value else "True", spec[key][0])
+  missing = [k for k, (_, default) in spec.items() if default is REQUIRED and k not in given]
+  if missing:
+    raise ValueError(f"the config argument must set {', '.join(missing)} "
+                     f"(e.g. {missing[0]}=VALUE), got {arg!r}.")
+  return ml_collections.ConfigDict({k: given.get(k, default) for k, (_, default) in spec.items()})
+
+
+def check_sigma(sigma, allowed=SIGMAS):
+  """σ (pixel space) if it is one of `allowed`, else one sentence."""
+  if sigma not in allowed:
+    raise ValueError(f"the config argument sigma must be one of {allowed}, got {sigma!r}.")
+  return float(sigma)
 
 
 def data_config(name="fashion_mnist", image_size=28, channels=1, num_classes=10):
@@ -94,4 +153,176 @@ def pretrain_config(total_steps, batch_size, lr, weight_decay, warmup_divisor,
   config.log_every = 50
   config.save_every = 10_000              # kept checkpoints
   config.latest_every = 1_000             # the frequent "latest" checkpoint (only the newest kept)
+  return config
+
+
+# ----------------------------------------------------------------------------
+# Named setups: the data and model sections a pre-training config fixes and
+# that fine-tuning and certification must share (a checkpoint fits only them).
+# ----------------------------------------------------------------------------
+SETUPS = ("fashion_mnist", "cifar10_rcmb", "imagenet_rcmb", "imagenet_rcms")
+
+
+def _imagenet_data():
+  data = data_config("imagenet2012", image_size=224, channels=3, num_classes=1000)
+  data.eval_split = "validation"
+  data.cache = False
+  return data
+
+
+def _paper_model(width, depth, num_heads, patch_size, image_size, proj_hidden, imagenet):
+  model = model_config(width=width, depth=depth, num_heads=num_heads, patch_size=patch_size,
+                       image_size=image_size, channels=3, proj_hidden=proj_hidden)
+  model.frozen_patch_embed = imagenet   # MoCo-v3 trick (ImageNet rows only)
+  model.init = "mocov3" if imagenet else "vit"
+  model.dtype = "bfloat16"              # the reference trains in fp16 autocast
+  return model
+
+
+def setup(name):
+  """ConfigDict(data, model, denoiser) of a named setup (`SETUPS`).
+
+  fashion_mnist: 28×28 grayscale, patch 7 (18 tokens), width 64, depth 4,
+  4 heads, projection 256 -> 64 (the demo). The others are the paper's rows
+  (docs/method.md, Encoder and Pre-training objective, "Paper configs").
+  """
+  if name == "fashion_mnist":
+    data = data_config("fashion_mnist", image_size=28, channels=1, num_classes=10)
+    model = model_config(width=64, depth=4, num_heads=4, patch_size=7, image_size=28,
+                         channels=1, proj_hidden=256, proj_out=64)
+  elif name == "cifar10_rcmb":
+    data = data_config("cifar10", image_size=32, channels=3, num_classes=10)
+    data.shuffle_buffer = 50_000
+    model = _paper_model(768, 12, 12, patch_size=4, image_size=32, proj_hidden=2048,
+                         imagenet=False)
+  elif name == "imagenet_rcmb":
+    data = _imagenet_data()
+    model = _paper_model(768, 12, 12, patch_size=16, image_size=224, proj_hidden=4096,
+                         imagenet=True)
+  elif name == "imagenet_rcms":
+    data = _imagenet_data()
+    model = _paper_model(512, 6, 8, patch_size=16, image_size=224, proj_hidden=2048,
+                         imagenet=True)
+  else:
+    raise ValueError(f"setup {name!r} is not one of {SETUPS}.")
+  return ml_collections.ConfigDict(dict(data=data, model=model, denoiser=denoiser_config()))
+
+
+# ----------------------------------------------------------------------------
+# Fine-tuning and certification.
+# ----------------------------------------------------------------------------
+def finetune_config(base, *, sigma, epochs, warmup_epochs, batch_size, lr, layer_decay,
+                    weight_decay=0.0):
+  """Everything `rrcm_jax.finetune` reads (docs/method.md, Fine-tuning).
+
+  The data, model and denoiser sections are copied from `base` (a `setup` or
+  the pre-training config), so that the pre-training checkpoint fits.
+  """
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.task = "consistency"           # "consistency", "finetune" (Gaussian noise) or "linear"
+  config.sigma = sigma                  # certification noise, pixel space; training adds 2σ
+  config.init_from = FieldReference(None, field_type=str)   # pre-training (or linear-probe) workdir
+  config.init_weights = "ema"           # "ema" (default; the reference leaves it open), "online", "target"
+  config.num_scales = FieldReference(None, field_type=int)  # N; None: the checkpoint's (81 from scratch)
+  config.train_head = False             # consistency task: the reference leaves the head out
+  config.final_norm = False             # final LayerNorm before the head (ImageNet: on)
+  config.consistency = ml_collections.ConfigDict(dict(
+      draws=2,
+      lam=FieldReference(None, field_type=float),   # None: 10 for σ <= 0.25, else 20
+      eta=0.5))
+  config.entropy_weight = 1.0           # "finetune" / "linear": CE + weight · mean entropy
+  config.augment = "none"               # "none", "weak", "strong", "autoaug" (data.augment)
+  config.mixup = 0.0                    # mixup alpha (0: off)
+  config.cutmix = 0.0                   # cutmix alpha (0: off)
+  config.mixup_switch_prob = 0.5
+  config.label_smoothing = 0.0
+  config.epochs = epochs
+  config.steps_per_epoch = FieldReference(None, field_type=int)  # None: train examples // batch
+  config.batch_size = batch_size        # global
+  config.eval_batch_size = 1024
+  config.optim = ml_collections.ConfigDict(dict(
+      lr=lr,                            # base rate: × batch_size / 256
+      weight_decay=weight_decay, b1=0.9, b2=0.999,
+      warmup_epochs=warmup_epochs,
+      layer_decay=layer_decay,          # BEiT layer-wise lr decay
+      per_epoch_lr=True,                # lr constant within an epoch (reference; epoch 0 at lr 0)
+  ))
+  config.eval_levels = (0.5, 1.0, 2.0)  # model-space noise levels s of the noisy accuracies
+  config.data = base.data.copy_and_resolve_references()
+  config.data.train_split = "train[:90%]"
+  config.data.val_split = "train[90%:]"   # best checkpoints are chosen here, never on the test split
+  config.model = base.model.copy_and_resolve_references()
+  config.model.frozen_patch_embed = False  # fine-tuning trains the patch embedding (layer 0)
+  config.denoiser = base.denoiser.copy_and_resolve_references()
+  config.mesh = ml_collections.ConfigDict(dict(fsdp=False))
+  config.log_every = 50
+  config.latest_every = 500
+  return config
+
+
+def certify_config(base, *, sigma, every, num_images, chunk_size=1000, final_norm=None):
+  """Everything `rrcm_jax.certify` reads (docs/method.md, Certification).
+
+  The data, model and denoiser sections come from `base`: the fine-tuning
+  config, or the `setup` it was built on (a checkpoint must match them).
+  `final_norm`: None takes the fine-tuning config's.
+  """
+  config = ml_collections.ConfigDict()
+  config.seed = 0                       # noise of sample j of image i: key(seed) with i, stream, j
+  # The classifier: a fine-tuning workdir, or the authors' PyTorch checkpoint.
+  config.init_from = FieldReference(None, field_type=str)        # fine-tuning workdir
+  config.checkpoint = "last"            # "last", or "best_clean", "best_noisy_0.5", ...
+  config.torch_checkpoint = FieldReference(None, field_type=str)  # or a .pth (needs torch)
+  config.torch_network = FieldReference(None, field_type=str)     # its network; None: first known
+  config.torch_trusted = False          # unpickle arbitrary objects (only files you trust)
+  config.num_scales = FieldReference(None, field_type=int)  # N; None: init_from's, 81 for a .pth
+  # used for a .pth only (init_from records its own)
+  config.final_norm = base.final_norm if final_norm is None else final_norm
+  config.dtype = FieldReference(None, field_type=str)  # compute dtype; None: the classifier's
+  config.sigma = float(sigma)           # pixel-space noise std
+  config.mode = "certify"               # "certify" or "predict"
+  config.n0 = 100                       # selection samples (CERTIFY)
+  config.n = 100_000                    # estimation samples (PREDICT: all its samples)
+  config.alpha = 0.001
+  config.chunk_size = chunk_size        # noisy samples per call (rounded up to the local devices)
+  # Which test images: every k-th (Cohen et al.) or the first num_images (the rRCM code).
+  config.subset = "every"               # "every" or "first"
+  config.every = every
+  config.num_images = num_images        # at most this many of the subset
+  config.data = base.data.copy_and_resolve_references()   # data.eval_split is certified
+  config.model = base.model.copy_and_resolve_references()
+  config.model.frozen_patch_embed = False   # as fine-tuning left it
+  config.denoiser = base.denoiser.copy_and_resolve_references()
+  return config
+
+
+# ----------------------------------------------------------------------------
+# The Fashion-MNIST demo (README's first command), shared by its fine-tuning,
+# certification and from-scratch baseline configs.
+# ----------------------------------------------------------------------------
+def demo_pretrain_config():
+  """Pre-training of the `fashion_mnist` setup: 2,000 steps of 64 images."""
+  config = pretrain_config(total_steps=2000, batch_size=64, lr=1e-3, weight_decay=0.0,
+                           warmup_divisor=20, ema_rate=0.999, target_ema_A=15)
+  config.update(setup("fashion_mnist"))
+  config.log_every = 50
+  config.latest_every = 200
+  config.save_every = 1000
+  return config
+
+
+def demo_finetune_config(sigma):
+  """Consistency fine-tuning of the demo: 2 epochs, batch 128, base lr 2e-3, head trained.
+
+  A per-step warm-up + cosine (2 epochs: a per-epoch curve would spend one at
+  lr 0), and the head trained: frozen at its 2e-5 initialization the small
+  encoder did not learn in this budget (validation accuracy 15 % after 2
+  epochs against 65 % trained; `--config.train_head=False` reproduces it).
+  """
+  config = finetune_config(setup("fashion_mnist"), sigma=sigma, epochs=2, warmup_epochs=1,
+                           batch_size=128, lr=2e-3, layer_decay=0.75)
+  config.optim.per_epoch_lr = False
+  config.train_head = True
+  config.eval_batch_size = 1000
   return config

@@ -8,19 +8,11 @@ r"""rRCM pre-training on Fashion-MNIST: a small ViT that trains on a laptop CPU.
 forward): demo size, so that the README's first command (pre-train,
 fine-tune, certify) fits in about 20 minutes on 2 CPU cores.
 Everything derived from `total_steps` (warm-up, target-EMA decay, icm
-horizon) follows an override of it.
+horizon) follows an override of it. No config argument.
 """
 from configs import common
 
 
 def get_config(arg=None):
-  del arg
-  config = common.pretrain_config(total_steps=2000, batch_size=64, lr=1e-3, weight_decay=0.0,
-                                  warmup_divisor=20, ema_rate=0.999, target_ema_A=15)
-  config.data = common.data_config("fashion_mnist", image_size=28, channels=1, num_classes=10)
-  config.model = common.model_config(width=64, depth=4, num_heads=4, patch_size=7, image_size=28,
-                                     channels=1, proj_hidden=256, proj_out=64)
-  config.log_every = 50
-  config.latest_every = 200
-  config.save_every = 1000
-  return config
+  common.parse_arg(arg)
+  return common.demo_pretrain_config()

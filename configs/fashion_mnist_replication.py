@@ -3,41 +3,46 @@ r"""The replication experiment: rRCM against the classic baselines at equal trai
   python -m experiments.replication --root results/replication   # runs every stage below
 
 Fashion-MNIST, one small ViT for every method, σ ∈ {0.25, 0.5} (pixel space;
-the classifiers see 2σ in model space). `arg` picks the stage:
+the classifiers see 2σ in model space). The argument (`stage=`, `sigma=`,
+`quick=`; `config_arg` writes it) picks the stage:
 
-  pretrain            rRCM pre-training (one run, shared by every σ)
-      python -m rrcm_jax.pretrain --config=configs/fashion_mnist_replication.py:pretrain \
+  stage=pretrain               rRCM pre-training (one run, shared by every σ)
+      python -m rrcm_jax.pretrain --config=configs/fashion_mnist_replication.py:stage=pretrain \
           --workdir=ROOT/pretrain
-  rrcm:SIGMA          (a) rRCM: consistency fine-tuning of the pre-trained encoder
-      python -m rrcm_jax.finetune --config=configs/fashion_mnist_replication.py:rrcm:0.25 \
+  stage=rrcm,sigma=S           (a) rRCM: consistency fine-tuning of the pre-trained encoder
+      python -m rrcm_jax.finetune \
+          --config=configs/fashion_mnist_replication.py:stage=rrcm,sigma=0.25 \
           --workdir=ROOT/rrcm_sigma0.25 --config.init_from=ROOT/pretrain
-  gaussian:SIGMA      (b) Gaussian noise augmentation from scratch (Cohen et al. 2019)
-  consistency:SIGMA   (c) consistency regularization from scratch (Jeong & Shin 2020)
-      python -m rrcm_jax.finetune --config=configs/fashion_mnist_replication.py:gaussian:0.25 \
+  stage=gaussian,sigma=S       (b) Gaussian noise augmentation from scratch (Cohen et al. 2019)
+  stage=consistency,sigma=S    (c) consistency regularization from scratch (Jeong & Shin 2020)
+      python -m rrcm_jax.finetune \
+          --config=configs/fashion_mnist_replication.py:stage=gaussian,sigma=0.25 \
           --workdir=ROOT/gaussian_sigma0.25
-  certify:SIGMA       CERTIFY, n0 = 100, n = 10,000, α = 0.001, every 50th test image (200)
-      python -m rrcm_jax.certify --config=configs/fashion_mnist_replication.py:certify:0.25 \
+  stage=certify,sigma=S        CERTIFY, n0 = 100, n = 10,000, α = 0.001, every 50th test image
+      python -m rrcm_jax.certify \
+          --config=configs/fashion_mnist_replication.py:stage=certify,sigma=0.25 \
           --workdir=ROOT/certify_rrcm_sigma0.25 --config.init_from=ROOT/rrcm_sigma0.25
 
-A trailing ":quick" (e.g. "rrcm:0.25:quick") gives the same model and the
-same FLOP matching on a few steps, images and samples (the smoke test of
-`experiments.replication --quick`).
+`quick=True` gives the same model and the same FLOP matching on a few steps,
+images and samples (the smoke test of `experiments.replication --quick`).
 
 The model: ViT width 128, depth 4, 4 heads, patch 7 on 28×28×1 (16 patches,
 18 tokens with cls and time), MLP ratio 4: 801,930 classifier parameters;
 pre-training adds the projection head 128 → 512 → 512 → 128 (1,195,904
 parameters). One classifier forward = 14.59 M multiply-adds
-(`classify.forward_flops` / 2 = 29.18 MFLOP; 29.96 MFLOP with the projection
-head). Data: train[:90%] for training (pre-training included), train[90%:]
+(`rrcm_jax.flops.forward_flops` / 2 = 29.18 MFLOP; 29.96 MFLOP with the
+projection head). Data: train[:90%] for training (pre-training included), train[90%:]
 for validation and best checkpoints, test for the test accuracies and the
 certification. Seed 0 everywhere (initialization, data order, training
 noise, certification noise).
 
 Equal training FLOPs (a forward without gradient counts 1, forward + backward
-3, `classify.FORWARD_EQUIVALENTS`; the target network's forwards count): the
+3, `rrcm_jax.flops.FORWARD_EQUIVALENTS`; the target network's forwards count): the
 budget is rRCM's *whole* pre-training plus its fine-tuning at one σ
-(`budget_flops`), though the one pre-training serves both σ. The baselines'
-steps follow from it (`scratch_schedule`):
+(`experiments/budgets.py`, `budget_flops`), though the one pre-training
+serves both σ. The baselines' steps per epoch (`SIZES`) are the budget's
+(`budgets.scratch_schedule`; tests/test_replication.py checks that they
+match):
 
   rRCM         pre-training 800 steps × 256 images × 12 forwards  = 73.64 TFLOP
                + fine-tuning 2 epochs × 421 steps × 128 images × 6 = 18.87 TFLOP
@@ -64,13 +69,11 @@ fine-tuning), and one certification (200 × 10,100 forwards = 58.9 TFLOP, at
 ≈ 64 GFLOP/s) ≈ 15 minutes. At the measurement's load everything takes about
 3× as long.
 """
-import math
-
 import ml_collections
 
-from configs import common, fashion_mnist_certify, fashion_mnist_finetune
+from configs import common
 
-SIGMAS = (0.25, 0.5)                      # the experiment's σ (parse_sigma also takes 1.0)
+SIGMAS = (0.25, 0.5)                      # the experiment's σ (the configs also take 1.0)
 METHODS = ("rrcm", "gaussian", "consistency")
 STAGES = ("pretrain", "certify") + METHODS
 SEED = 0
@@ -83,6 +86,9 @@ SIZES = {
         pretrain_steps=800, pretrain_batch=256,
         batch=128, rrcm_epochs=2, steps_per_epoch=54_000 // 128,   # train[:90%] / batch
         scratch_epochs=8,                 # validations (and best checkpoints) of a baseline
+        # steps per epoch of each baseline: its scratch_epochs spend the budget
+        # (experiments/budgets.py, scratch_schedule)
+        scratch_steps=dict(gaussian=1032, consistency=516),
         train_split="train[:90%]", val_split="train[90%:]", eval_split="test",
         eval_batch=1000, log_every=50, latest_every=100, save_every=400,
         every=50, num_images=200, n0=100, n=10_000, alpha=0.001, chunk=1000)),
@@ -90,6 +96,7 @@ SIZES = {
         pretrain_steps=4, pretrain_batch=32,
         batch=32, rrcm_epochs=1, steps_per_epoch=2,
         scratch_epochs=1,
+        scratch_steps=dict(gaussian=21, consistency=11),
         train_split="train[:512]", val_split="train[512:640]", eval_split="test[:256]",
         eval_batch=128, log_every=2, latest_every=2, save_every=2,
         every=64, num_images=3, n0=16, n=128, alpha=0.001, chunk=64)),
@@ -109,51 +116,20 @@ def data_config(sizes):
   return data
 
 
+def config_arg(stage, sigma=None, quick=False):
+  """("rrcm", 0.25, True) -> "stage=rrcm,sigma=0.25,quick=True", the config argument."""
+  arg = f"stage={stage}" + ("" if sigma is None else f",sigma={sigma}")
+  return arg + (",quick=True" if quick else "")
+
+
 def parse_arg(arg):
-  """"rrcm:0.25:quick" -> ("rrcm", 0.25, True); "pretrain" -> ("pretrain", None, False)."""
-  parts = (arg or "").split(":")
-  quick = parts[-1] == "quick"
-  parts = parts[:-1] if quick else parts
-  stage = parts[0]
-  if stage not in STAGES or (stage == "pretrain") != (len(parts) == 1) or len(parts) > 2:
-    raise ValueError(f"the config argument must be 'pretrain' or '<stage>:<sigma>' with stage in "
-                     f"{STAGES[1:]}, optionally followed by ':quick', got {arg!r}.")
-  sigma = None if stage == "pretrain" else fashion_mnist_finetune.parse_sigma(parts[1])
-  return stage, sigma, quick
-
-
-# ----------------------------------------------------------------------------
-# The FLOP budget.
-# ----------------------------------------------------------------------------
-def pretrain_flops(quick=False):
-  """Training FLOPs of the whole rRCM pre-training."""
-  from rrcm_jax import classify  # pylint: disable=g-import-not-at-top  (the one FLOP formula)
-  s = SIZES[quick]
-  return classify.training_flops("pretrain", model_config(), s.pretrain_steps * s.pretrain_batch)
-
-
-def method_flops(method, quick=False):
-  """Training FLOPs of `method` at one σ as its config schedules it (rRCM: with the
-  pre-training). The counts the runs log (`train_flops`, `total_flops`) equal these."""
-  from rrcm_jax import classify  # pylint: disable=g-import-not-at-top
-  config = finetune_config(method, 0.25, quick)
-  stage = {"rrcm": "consistency", "gaussian": "finetune", "consistency": "consistency"}[method]
-  images = config.epochs * config.steps_per_epoch * config.batch_size
-  flops = classify.training_flops(stage, config.model, images, NUM_CLASSES)
-  return flops + (pretrain_flops(quick) if method == "rrcm" else 0.0)
-
-
-def budget_flops(quick=False):
-  """The per-σ budget every method gets: rRCM's pre-training + fine-tuning."""
-  return method_flops("rrcm", quick)
-
-
-def scratch_schedule(stage, sizes, quick):
-  """(epochs, steps_per_epoch) of a from-scratch baseline that spends the budget."""
-  from rrcm_jax import classify  # pylint: disable=g-import-not-at-top
-  per_step = classify.training_flops(stage, model_config(), sizes.batch, NUM_CLASSES)
-  total_steps = math.ceil(budget_flops(quick) / per_step)
-  return sizes.scratch_epochs, math.ceil(total_steps / sizes.scratch_epochs)
+  """"stage=rrcm,sigma=0.25,quick=True" -> ("rrcm", 0.25, True)."""
+  a = common.parse_arg(arg, stage=(str, common.REQUIRED), sigma=(float, None), quick=False)
+  if a.stage not in STAGES or (a.stage == "pretrain") != (a.sigma is None):
+    raise ValueError(f"the config argument must be 'stage=pretrain' or 'stage=<stage>,sigma=<σ>' "
+                     f"with stage in {STAGES[1:]} (and optionally quick=True), got {arg!r}.")
+  sigma = None if a.sigma is None else common.check_sigma(a.sigma)
+  return a.stage, sigma, a.quick
 
 
 # ----------------------------------------------------------------------------
@@ -183,14 +159,14 @@ def finetune_config(method, sigma, quick=False):
   model-space s = 0, 0.5, 1.0, 2.0.
   rRCM: layer decay 0.75, EMA weights, and the head trained: with the
   reference's frozen 2e-5 head the Fashion-MNIST demo stalls at 15 % accuracy
-  (fine-tuning issue's measurement), so the frozen head is one of the
-  controlled runs (`--config.train_head=False`), not the headline.
+  (README, "Results so far"), so the frozen head is one of the controlled
+  runs (`--config.train_head=False`), not the headline.
   The baselines: every parameter trains, no layer decay, N = 81 grid.
   """
   s = SIZES[quick]
   pre = pretrain_config(quick)
   epochs = s.rrcm_epochs if method == "rrcm" else s.scratch_epochs
-  config = fashion_mnist_finetune.finetune_config(
+  config = common.finetune_config(
       pre, sigma=sigma, epochs=epochs, warmup_epochs=WARMUP * epochs, batch_size=s.batch, lr=2e-3,
       layer_decay=0.75 if method == "rrcm" else 1.0)
   config.seed = SEED
@@ -205,15 +181,14 @@ def finetune_config(method, sigma, quick=False):
     if method == "gaussian":
       config.task = "finetune"
       config.entropy_weight = 0.0         # Cohen et al.: cross-entropy only
-    config.epochs, config.steps_per_epoch = scratch_schedule(
-        "finetune" if method == "gaussian" else "consistency", s, quick)
+    config.epochs, config.steps_per_epoch = s.scratch_epochs, s.scratch_steps[method]
   return config
 
 
 def certify_config(sigma, quick=False):
   """CERTIFY of any method's classifier (same architecture): every 50th test image."""
   s = SIZES[quick]
-  config = fashion_mnist_certify.certify_config(
+  config = common.certify_config(
       finetune_config("rrcm", sigma, quick), sigma=sigma, every=s.every, num_images=s.num_images,
       chunk_size=s.chunk)
   config.seed = SEED

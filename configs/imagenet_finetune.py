@@ -1,6 +1,6 @@
 r"""Paper rows: ImageNet fine-tuning of RCM-B for σ = 0.25, 0.5, 1.0 (docs/method.md, Fine-tuning).
 
-  python -m rrcm_jax.finetune --config=configs/imagenet_finetune.py:0.5 \
+  python -m rrcm_jax.finetune --config=configs/imagenet_finetune.py:sigma=0.5 \
       --workdir=gs://BUCKET/rrcm/imagenet_finetune_0.5 \
       --config.init_from=gs://BUCKET/rrcm/imagenet_rcmb_pretrain
 
@@ -14,10 +14,9 @@ All: consistency regularization (λ 10 / 20 / 20, η 0.5), 5 warm-up epochs (lr
 per epoch), weight decay 0, layer decay 0.65, mixup 0.8 + cutmix 1.0 (switch
 0.5), final LayerNorm on, base lr × batch/256. The best checkpoints are chosen
 on 1% of the training set held out (train[99%:]); the test split is ImageNet
-validation. The argument (σ in pixel space) is required.
+validation. The argument `sigma=` (pixel space) is required.
 """
-from configs import fashion_mnist_finetune as base
-from configs import imagenet_pretrain_rcmb
+from configs import common
 
 ROWS = {  # sigma: (batch, epochs, augment, lr, label smoothing)
     0.25: (1024, 150, "autoaug", 2e-4, 0.1),
@@ -27,11 +26,11 @@ ROWS = {  # sigma: (batch, epochs, augment, lr, label smoothing)
 
 
 def get_config(arg=None):
-  sigma = base.parse_sigma(arg)
+  sigma = common.check_sigma(common.parse_arg(arg, sigma=(float, common.REQUIRED)).sigma)
   batch, epochs, augment, lr, smoothing = ROWS[sigma]
-  config = base.finetune_config(imagenet_pretrain_rcmb.get_config(), sigma=sigma, epochs=epochs,
-                                warmup_epochs=5, batch_size=batch, lr=lr, layer_decay=0.65,
-                                weight_decay=0.0)
+  config = common.finetune_config(common.setup("imagenet_rcmb"), sigma=sigma, epochs=epochs,
+                                  warmup_epochs=5, batch_size=batch, lr=lr, layer_decay=0.65,
+                                  weight_decay=0.0)
   config.consistency.lam = 10.0 if sigma == 0.25 else 20.0
   config.augment = augment
   config.mixup, config.cutmix, config.mixup_switch_prob = 0.8, 1.0, 0.5

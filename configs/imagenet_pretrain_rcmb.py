@@ -7,21 +7,15 @@ Batch 4096, 600k steps, lr 2e-4, weight decay 0.03, warm-up 15k, EMA model
 0.99, target EMA A = 10 over 600k steps, projection hidden 4096, frozen patch
 embedding and MoCo-v3 init. Use `--config.model.remat=True` and
 `--config.mesh.fsdp=True` on GPUs (see README "Running at scale").
+No config argument.
 """
 from configs import common
 
 
 def get_config(arg=None):
-  del arg
+  common.parse_arg(arg)
   config = common.pretrain_config(total_steps=600_000, batch_size=4096, lr=2e-4,
                                   weight_decay=0.03, warmup_divisor=40, ema_rate=0.99,
                                   target_ema_A=10)
-  config.data = common.data_config("imagenet2012", image_size=224, channels=3, num_classes=1000)
-  config.data.eval_split = "validation"
-  config.data.cache = False
-  config.model = common.model_config(width=768, depth=12, num_heads=12, patch_size=16,
-                                     image_size=224, channels=3, proj_hidden=4096)
-  config.model.frozen_patch_embed = True
-  config.model.init = "mocov3"
-  config.model.dtype = "bfloat16"
+  config.update(common.setup("imagenet_rcmb"))
   return config

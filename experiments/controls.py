@@ -38,7 +38,7 @@ import sys
 import time
 
 from configs import fashion_mnist_replication as rep
-from experiments import replication
+from experiments import budgets, replication
 from rrcm_jax import certlog, report
 from rrcm_jax import workdir as workdir_lib
 
@@ -77,7 +77,7 @@ def reuses_pretrain(control):
 
 def stages(root, replication_root, name, certify, quick=False, data_overrides=()):
   """[(Stage, overrides, pre-training steps or None)] of one control, in order."""
-  control, suffix, data_overrides = CONTROLS[name], ":quick" if quick else "", list(data_overrides)
+  control, data_overrides = CONTROLS[name], list(data_overrides)
   out = []
   if control.pretrain is None:
     init_from = None
@@ -89,16 +89,18 @@ def stages(root, replication_root, name, certify, quick=False, data_overrides=()
     overrides = list(control.pretrain)
     if control.pretrain_multiple != 1:
       overrides.append(f"--config.total_steps={steps}")
-    out.append((replication.Stage(f"{name}_pretrain", "rrcm_jax.pretrain", "pretrain" + suffix,
-                                  init_from), data_overrides + overrides, steps))
+    out.append((replication.Stage(f"{name}_pretrain", "rrcm_jax.pretrain",
+                                  rep.config_arg("pretrain", quick=quick), init_from),
+                data_overrides + overrides, steps))
   finetune_dir = os.path.join(root, f"{name}_finetune")
-  out.append((replication.Stage(f"{name}_finetune", "rrcm_jax.finetune", f"rrcm:{SIGMA}{suffix}",
-                                finetune_dir, init_from),
+  out.append((replication.Stage(f"{name}_finetune", "rrcm_jax.finetune",
+                                rep.config_arg("rrcm", SIGMA, quick), finetune_dir, init_from),
               data_overrides + list(control.finetune), None))
   if certify:
     model = [o for o in control.finetune if o.startswith("--config.model.")]
     out.append((replication.Stage(f"{name}_certify", "rrcm_jax.certify",
-                                  f"certify:{SIGMA}{suffix}", os.path.join(root, f"{name}_certify"),
+                                  rep.config_arg("certify", SIGMA, quick),
+                                  os.path.join(root, f"{name}_certify"),
                                   finetune_dir), data_overrides + model, None))
   return out
 
@@ -136,7 +138,7 @@ def certified_cells(log_path):
 def write_summary(root, replication_root, names, certify, quick=False):
   records = replication.read_records(root)
   walls = replication.stage_walls(records)
-  budget = rep.budget_flops(quick)
+  budget = budgets.budget_flops(quick)
   log_name = f"certify_sigma{float(SIGMA)}.tsv"
   lines = [
       "# Controlled runs of the rRCM arm (Fashion-MNIST, σ = 0.25)", "",

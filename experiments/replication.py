@@ -6,7 +6,7 @@ r"""The replication experiment: rRCM vs Gaussian augmentation vs consistency reg
 
 Runs every stage of configs/fashion_mnist_replication.py as its own CLI call
 (`python -m rrcm_jax.pretrain / finetune / certify
---config=configs/fashion_mnist_replication.py:<arg>`), in this order: the
+--config=configs/fashion_mnist_replication.py:stage=...`), in this order: the
 offline Fashion-MNIST preparation, the one rRCM pre-training (shared by every
 σ), then per σ the three classifiers and their certifications. Running the
 same command again resumes: a stage whose output is complete is skipped
@@ -34,7 +34,9 @@ import time
 
 import numpy as np
 
+from configs import common
 from configs import fashion_mnist_replication as rep
+from experiments import budgets
 from rrcm_jax import certlog, report
 from rrcm_jax import workdir as workdir_lib
 
@@ -84,19 +86,19 @@ def certify_log(root, method, sigma):
 
 def plan(root, sigmas, methods, quick, data):
   """The stages, in order: preparation, pre-training, then per σ train and certify."""
-  suffix = ":quick" if quick else ""
   stages = [] if data != "fashion_mnist" else [Stage("prepare", "rrcm_jax.data.prepare")]
   pretrain_dir = os.path.join(root, "pretrain")
   if "rrcm" in methods:
-    stages.append(Stage("pretrain", "rrcm_jax.pretrain", "pretrain" + suffix, pretrain_dir))
+    stages.append(Stage("pretrain", "rrcm_jax.pretrain", rep.config_arg("pretrain", quick=quick),
+                        pretrain_dir))
   for sigma in sigmas:
     for method in methods:
       stages.append(Stage(f"{method}_sigma{sigma}", "rrcm_jax.finetune",
-                          f"{method}:{sigma}{suffix}", finetune_dir(root, method, sigma),
+                          rep.config_arg(method, sigma, quick), finetune_dir(root, method, sigma),
                           pretrain_dir if method == "rrcm" else None))
     for method in methods:
       stages.append(Stage(f"certify_{method}_sigma{sigma}", "rrcm_jax.certify",
-                          f"certify:{sigma}{suffix}", certify_dir(root, method, sigma),
+                          rep.config_arg("certify", sigma, quick), certify_dir(root, method, sigma),
                           finetune_dir(root, method, sigma)))
   return stages
 
@@ -268,7 +270,7 @@ def stages_table(records, walls):
 def summary_scope(root, sigmas, methods):
   """The σ and methods asked for, plus those an earlier call trained in `root`."""
   trained = lambda m, s: os.path.isdir(finetune_dir(root, m, s))
-  sigmas = sorted(set(sigmas) | {s for s in rep.fashion_mnist_finetune.SIGMAS
+  sigmas = sorted(set(sigmas) | {s for s in common.SIGMAS
                                  if any(trained(m, s) for m in rep.METHODS)})
   methods = [m for m in rep.METHODS if m in methods or any(trained(m, s) for s in sigmas)]
   return sigmas, methods
@@ -276,15 +278,14 @@ def summary_scope(root, sigmas, methods):
 
 def write_summary(root, sigmas, methods, quick, data):
   """Rewrites <root>/summary.md (and the plots) from whatever is complete."""
-  from rrcm_jax import classify  # pylint: disable=g-import-not-at-top
+  from rrcm_jax.flops import forward_flops  # pylint: disable=g-import-not-at-top
   records = read_records(root)
   sigmas, methods = summary_scope(root, sigmas, methods)
   walls = stage_walls(records)
-  suffix = ":quick" if quick else ""
-  pre = rep.get_config("pretrain" + suffix)
-  certify_cfg = rep.get_config(f"certify:{sigmas[0]}{suffix}")
-  budget = rep.budget_flops(quick)
-  macs = classify.forward_flops(pre.model, rep.NUM_CLASSES) / 2
+  pre = rep.get_config(rep.config_arg("pretrain", quick=quick))
+  certify_cfg = rep.get_config(rep.config_arg("certify", sigmas[0], quick))
+  budget = budgets.budget_flops(quick)
+  macs = forward_flops(pre.model, rep.NUM_CLASSES) / 2
   m = pre.model
   lines = [
       "# Replication on Fashion-MNIST: rRCM vs Gaussian augmentation vs consistency "
@@ -339,9 +340,9 @@ def parse_args(argv):
   parser.add_argument("--data", default="fashion_mnist", choices=("fashion_mnist", "synthetic"))
   args = parser.parse_args(argv)
   try:
-    args.sigmas = [rep.fashion_mnist_finetune.parse_sigma(s) for s in args.sigmas.split(",")]
+    args.sigmas = [common.check_sigma(float(s)) for s in args.sigmas.split(",")]
   except ValueError:
-    parser.error(f"--sigmas must be a comma-separated list of {rep.fashion_mnist_finetune.SIGMAS}, "
+    parser.error(f"--sigmas must be a comma-separated list of {common.SIGMAS}, "
                  f"got {args.sigmas!r}.")
   args.methods = args.methods.split(",")
   if not args.methods or set(args.methods) - set(rep.METHODS):

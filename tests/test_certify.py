@@ -219,12 +219,12 @@ def test_configs_follow_the_protocols():
   for module, every, split, size in ((cifar10_certify, 20, "test", 32),
                                      (imagenet_certify, 100, "validation", 224)):
     for sigma in (0.25, 0.5, 1.0):
-      config = module.get_config(str(sigma))
+      config = module.get_config(f"sigma={sigma}")
       assert (config.sigma, config.n0, config.n, config.alpha) == (sigma, 100, 100_000, 0.001)
       assert (config.subset, config.every, config.num_images) == ("every", every, 500)
       assert (config.data.eval_split, config.model.image_size) == (split, size)
       certify.validate_config(apply(config, {"init_from": "somewhere"}))
     with pytest.raises(ValueError, match="must be one of"):
-      module.get_config("0.3")
+      module.get_config("sigma=0.3")
   config = fashion_mnist_certify.get_config()
   assert (config.every, config.num_images, config.data.eval_split) == (100, 100, "test")

@@ -33,7 +33,7 @@ def tiny_pretrain_config(width=32, total_steps=4):
 
 
 def tiny_config(task="consistency", epochs=2, **overrides):
-  config = fashion_mnist_finetune.finetune_config(
+  config = common.finetune_config(
       tiny_pretrain_config(), sigma=0.25, epochs=epochs, warmup_epochs=0, batch_size=16,
       lr=1e-3, layer_decay=0.75)
   config.task = task
@@ -322,20 +322,23 @@ def test_evaluation_counts_every_example_once_whatever_the_batch():
 # ----------------------------------------------------------------------------
 def test_paper_configs():
   from configs import cifar10_finetune, imagenet_finetune
-  c = cifar10_finetune.get_config("1.0")
+  c = cifar10_finetune.get_config("sigma=1.0")
   assert (c.epochs, c.optim.warmup_epochs, c.batch_size, c.optim.lr) == (100, 10, 1024, 2e-4)
   assert (c.optim.layer_decay, c.consistency.lam, c.optim.weight_decay) == (0.65, 20.0, 0.0)
-  assert cifar10_finetune.get_config("0.25").consistency.lam == 10.0
+  assert cifar10_finetune.get_config("sigma=0.25").consistency.lam == 10.0
   assert not c.final_norm and c.augment == "none" and c.model.width == 768
   assert not c.train_head and c.init_weights == "ema"      # the reference's choices
-  rows = {s: imagenet_finetune.get_config(s) for s in ("0.25", "0.5", "1.0")}
+  rows = {s: imagenet_finetune.get_config(f"sigma={s}") for s in ("0.25", "0.5", "1.0")}
   assert [(r.batch_size, r.epochs, r.augment, r.optim.lr) for r in rows.values()] == [
       (1024, 150, "autoaug", 2e-4), (2048, 50, "strong", 2e-4), (256, 150, "weak", 1e-4)]
   assert all(r.final_norm and r.mixup == 0.8 and r.cutmix == 1.0 and r.optim.layer_decay == 0.65
              and r.optim.warmup_epochs == 5 for r in rows.values())
   assert [r.label_smoothing for r in rows.values()] == [0.1, 0.0, 0.0]
   with pytest.raises(ValueError, match="must be one of"):
-    cifar10_finetune.get_config("0.3")
+    cifar10_finetune.get_config("sigma=0.3")
+  with pytest.raises(ValueError, match="sigma"):
+    cifar10_finetune.get_config(None)     # required
+  assert fashion_mnist_finetune.get_config("sigma=0.5").sigma == 0.5
   fm = fashion_mnist_finetune.get_config()
   assert fm.model.to_dict() == dict(fashion_mnist_pretrain.get_config().model.to_dict(),
                                     frozen_patch_embed=False)

@@ -5,6 +5,7 @@ argument lists with shlex and compared word for word; the create/reuse/preemptio
 logic of tpu_pod.sh runs against a fake `gcloud` on PATH that records its calls and
 keeps the slice's state in a file; slurm.sbatch runs against a fake `srun`.
 """
+import importlib
 import os
 import re
 import shlex
@@ -33,8 +34,10 @@ BASE = ["--name", "rrcm-b", "--zone", "us-east5-a", "--accelerator-type", "v5p-6
 PRETRAIN_CONFIGS = {"configs/cifar10_pretrain_rcmb.py", "configs/imagenet_pretrain_rcmb.py",
                     "configs/imagenet_pretrain_rcms.py"}
 SIGMAS = ("0.25", "0.5", "1.0")
-FINETUNE_CONFIGS = {f"configs/{d}_finetune.py:{s}" for d in ("cifar10", "imagenet") for s in SIGMAS}
-CERTIFY_CONFIGS = {f"configs/{d}_certify.py:{s}" for d in ("cifar10", "imagenet") for s in SIGMAS}
+FINETUNE_CONFIGS = {f"configs/{d}_finetune.py:sigma={s}" for d in ("cifar10", "imagenet")
+                    for s in SIGMAS}
+CERTIFY_CONFIGS = {f"configs/{d}_certify.py:sigma={s}" for d in ("cifar10", "imagenet")
+                   for s in SIGMAS}
 
 
 def run(args, env=None, cwd=REPO):
@@ -408,7 +411,7 @@ def test_paper_commands_chain_workdirs():
       assert not any(w.startswith("--config.init_from=") for w in command)
       continue
     dataset, sigma = row.split("-")[1:]
-    assert flag(command, "--config") == f"configs/{dataset}_{stage}.py:{sigma}"
+    assert flag(command, "--config") == f"configs/{dataset}_{stage}.py:sigma={sigma}"
     source = (f"finetune-{dataset}-{sigma}" if stage == "certify"
               else f"pretrain-{dataset}-rcmb")
     assert flag(command, "--config.init_from") == f"{root}/{source}"
@@ -453,3 +456,13 @@ def test_paper_config_files_exist():
   missing = sorted({flag(paper_command(row), "--config").split(":")[0] for row in paper_rows()}
                    - {p for p in (f"configs/{n}" for n in os.listdir(os.path.join(REPO, "configs")))})
   assert not missing, f"paper.sh names configs that do not exist yet: {missing}"
+
+
+def test_paper_configs_accept_their_arguments():
+  """Every --config=FILE:ARG of paper.sh builds (big_vision's key=value grammar)."""
+  for row in paper_rows():
+    path, _, arg = flag(paper_command(row), "--config").partition(":")
+    module = importlib.import_module(path[:-len(".py")].replace("/", "."))
+    config = module.get_config(arg or None)
+    if arg:
+      assert config.sigma == float(arg.removeprefix("sigma="))

@@ -9,10 +9,12 @@ import sys
 
 import pytest
 
+from configs import fashion_mnist_consistency_scratch, fashion_mnist_gaussian_scratch
 from configs import fashion_mnist_replication as rep
+from experiments import budgets
 from experiments import controls
 from experiments import replication
-from rrcm_jax import classify
+from rrcm_jax.flops import forward_flops, training_flops
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STAGE_OF = {"rrcm": "consistency", "gaussian": "finetune", "consistency": "consistency"}
@@ -20,44 +22,46 @@ STAGE_OF = {"rrcm": "consistency", "gaussian": "finetune", "consistency": "consi
 
 def all_args():
   args = []
-  for quick in ("", ":quick"):
-    args.append("pretrain" + quick)
-    args += [f"{stage}:{sigma}{quick}" for stage in ("certify",) + rep.METHODS
+  for quick in (False, True):
+    args.append(("pretrain", None, quick))
+    args += [(stage, sigma, quick) for stage in ("certify",) + rep.METHODS
              for sigma in rep.SIGMAS]
   return args
 
 
-@pytest.mark.parametrize("arg", all_args())
-def test_config_builds_for_every_arg(arg):
+@pytest.mark.parametrize("stage,sigma,quick", all_args())
+def test_config_builds_for_every_arg(stage, sigma, quick):
+  arg = rep.config_arg(stage, sigma, quick)
+  assert rep.parse_arg(arg) == (stage, sigma, quick)
   config = rep.get_config(arg)
   assert config.seed == rep.SEED
   assert config.model.width == 128 and config.model.patch_size == 7
-  stage = arg.split(":")[0]
   if stage in rep.METHODS:
-    assert config.sigma == float(arg.split(":")[1])
+    assert config.sigma == sigma
     assert config.init_from is None    # the CLI call gives rRCM its pre-training workdir
     assert config.task == ("finetune" if stage == "gaussian" else "consistency")
     assert config.train_head   # rRCM too: a frozen 2e-5 head stalls at this size (see the config)
     assert config.optim.layer_decay == (0.75 if stage == "rrcm" else 1.0)
 
 
-@pytest.mark.parametrize("arg", ["", "pretrain:0.25", "rrcm", "rrcm:0.3", "certify:0.25:fast",
-                                 "linear:0.25"])
+@pytest.mark.parametrize("arg", ["", "stage=pretrain,sigma=0.25", "stage=rrcm", "stage=rrcm,sigma=0.3",
+                                 "stage=certify,sigma=0.25,fast=True", "stage=linear,sigma=0.25",
+                                 "rrcm:0.25", "stage=rrcm,sigma=0.25,quick=maybe"])
 def test_bad_arg_is_one_sentence(arg):
   with pytest.raises(ValueError, match="config argument"):
     rep.get_config(arg)
 
 
 def test_certification_protocol():
-  config = rep.get_config("certify:0.5")
+  config = rep.get_config("stage=certify,sigma=0.5")
   assert (config.n0, config.n, config.alpha) == (100, 10_000, 0.001)
   assert config.subset == "every" and config.every == 50 and config.num_images == 200
   assert config.data.eval_split == "test" and config.sigma == 0.5 and config.mode == "certify"
 
 
 def test_vit_forward_is_at_most_20m_multiply_adds():
-  model = rep.get_config("pretrain").model
-  macs = classify.forward_flops(model, rep.NUM_CLASSES) / 2
+  model = rep.get_config("stage=pretrain").model
+  macs = forward_flops(model, rep.NUM_CLASSES) / 2
   assert macs <= 20e6
   assert macs == 14_589_184          # the size the config's docstring states
   assert (model.width, model.depth, model.num_heads, model.image_size, model.channels) == (
@@ -66,18 +70,33 @@ def test_vit_forward_is_at_most_20m_multiply_adds():
 
 @pytest.mark.parametrize("sigma", rep.SIGMAS)
 def test_every_method_gets_the_same_training_flops(sigma):
-  pre = rep.get_config("pretrain")
-  pretrain = classify.training_flops("pretrain", pre.model, pre.total_steps * pre.batch_size)
+  pre = rep.get_config("stage=pretrain")
+  pretrain = training_flops("pretrain", pre.model, pre.total_steps * pre.batch_size)
   flops = {}
   for method in rep.METHODS:
-    config = rep.get_config(f"{method}:{sigma}")
+    config = rep.get_config(rep.config_arg(method, sigma))
     images = config.epochs * config.steps_per_epoch * config.batch_size
-    flops[method] = classify.training_flops(STAGE_OF[method], config.model, images,
-                                            config.data.num_classes)
+    flops[method] = training_flops(STAGE_OF[method], config.model, images,
+                                   config.data.num_classes)
   flops["rrcm"] += pretrain
   assert max(flops.values()) / min(flops.values()) - 1 < 0.01, flops
-  assert flops["rrcm"] == pytest.approx(rep.budget_flops())
+  assert flops["rrcm"] == pytest.approx(budgets.budget_flops())
   assert pretrain > flops["rrcm"] / 2     # most of rRCM's budget is its pre-training
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_baseline_steps_in_the_config_spend_the_budget(quick):
+  for method in ("gaussian", "consistency"):
+    config = rep.finetune_config(method, 0.25, quick)
+    assert (config.epochs, config.steps_per_epoch) == budgets.scratch_schedule(method, quick)
+
+
+def test_demo_baselines_spend_the_demo_budget():
+  for module in (fashion_mnist_gaussian_scratch, fashion_mnist_consistency_scratch):
+    config = module.get_config()
+    assert (config.epochs, config.steps_per_epoch) == budgets.demo_scratch_schedule(config)
+  shorter = budgets.demo_scratch_schedule(fashion_mnist_gaussian_scratch.get_config(), 300)
+  assert shorter[1] < fashion_mnist_gaussian_scratch.STEPS_PER_EPOCH
 
 
 def test_plan_shares_one_pretraining_and_certifies_after_training():
@@ -91,7 +110,7 @@ def test_plan_shares_one_pretraining_and_certifies_after_training():
       assert names.index(f"{method}_sigma{sigma}") < names.index(f"certify_{method}_sigma{sigma}")
   rrcm = stages[names.index("rrcm_sigma0.5")]
   assert rrcm.init_from == "/r/pretrain"
-  assert "--config=configs/fashion_mnist_replication.py:rrcm:0.5" in rrcm.argv()
+  assert "--config=configs/fashion_mnist_replication.py:stage=rrcm,sigma=0.5" in rrcm.argv()
   cert = stages[names.index("certify_gaussian_sigma0.25")]
   assert f"--config.init_from={replication.finetune_dir('/r', 'gaussian', 0.25)}" in cert.argv()
   only = [s.name for s in replication.plan("/r", [0.5], ["gaussian"], quick=True, data="synthetic")]
@@ -118,7 +137,7 @@ def test_control_plans_change_one_thing():
   plan = lambda name, certify=False: controls.stages("/c", "/r", name, certify)
   (finetune, overrides, _), = plan("no_pretrain")
   assert finetune.init_from is None and overrides == []
-  assert finetune.argv()[3] == "--config=configs/fashion_mnist_replication.py:rrcm:0.25"
+  assert finetune.argv()[3] == "--config=configs/fashion_mnist_replication.py:stage=rrcm,sigma=0.25"
   (finetune, overrides, _), cert = plan("finetune_10ep", certify=True)
   assert finetune.init_from == "/r/pretrain" and overrides[0] == "--config.epochs=10"
   assert cert[0].init_from == "/c/finetune_10ep_finetune" and cert[1] == []
@@ -130,7 +149,7 @@ def test_control_plans_change_one_thing():
   assert p_over == f_over == c_over == ["--config.model.width=192"]
   (pre, overrides, steps), _ = controls.stages("/c", "/r", "scales_11", False, quick=True,
                                                data_overrides=["--config.data.name=synthetic"])
-  assert pre.arg == "pretrain:quick" and steps == rep.SIZES[True].pretrain_steps
+  assert pre.arg == "stage=pretrain,quick=True" and steps == rep.SIZES[True].pretrain_steps
   assert overrides[0] == "--config.data.name=synthetic"
 
 
@@ -153,7 +172,8 @@ def test_quick_run_end_to_end_then_resumes(tmp_path):
   assert set(done) == {"pretrain", "rrcm_sigma0.25", "certify_rrcm_sigma0.25"}
   assert all(r["seed"] == 0 and r["wall_s"] > 0 for r in done.values())
   assert done["rrcm_sigma0.25"]["command"].startswith(
-      "python -m rrcm_jax.finetune --config=configs/fashion_mnist_replication.py:rrcm:0.25:quick")
+      "python -m rrcm_jax.finetune "
+      "--config=configs/fashion_mnist_replication.py:stage=rrcm,sigma=0.25,quick=True")
   summary = (root / "summary.md").read_text()
   assert "## σ = 0.25" in summary and "| r = 1.5 | ACR |" in summary
   assert "| rRCM (pre-training + consistency fine-tuning) | 3 |" in summary
