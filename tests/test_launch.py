@@ -30,7 +30,7 @@ USER_CMD = ["python", "-m", "rrcm_jax.pretrain",
             "--config.note=it's a test"]   # a quote and a space survive the trip
 BASE = ["--name", "rrcm-b", "--zone", "us-east5-a", "--accelerator-type", "v5p-64"]
 
-# Config file names fixed by the team brief (SIGMA in 0.25/0.5/1.0 for the :SIGMA ones).
+# The paper rows' config files (sigma=SIGMA with SIGMA in 0.25/0.5/1.0 for the σ-dependent ones).
 PRETRAIN_CONFIGS = {"configs/cifar10_pretrain_rcmb.py", "configs/imagenet_pretrain_rcmb.py",
                     "configs/imagenet_pretrain_rcms.py"}
 SIGMAS = ("0.25", "0.5", "1.0")

@@ -38,7 +38,7 @@ _IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
               "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
                0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
-_SPEC = re.compile(r"\s*([\w-]+)\s*(?:\[\s*(-?[\d.]*)\s*(%?)\s*:\s*(-?[\d.]*)\s*(%?)\s*\])?\s*")
+_SPLIT_PATTERN = re.compile(r"\s*([\w-]+)\s*(?:\[\s*(-?[\d.]*)\s*(%?)\s*:\s*(-?[\d.]*)\s*(%?)\s*\])?\s*")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,7 +204,7 @@ def split_ranges(split, sizes):
   """
   ranges = []
   for part in split.split("+"):
-    m = _SPEC.fullmatch(part)
+    m = _SPLIT_PATTERN.fullmatch(part)
     if not m:
       raise ValueError(f"split={split!r} is not a split spec such as 'train' or 'train[:90%]'.")
     name, lo, lo_pct, hi, hi_pct = m.groups()
