@@ -4,12 +4,14 @@ bit for bit where an uninterrupted run ends.
     nice -n 10 python benchmarks/soak.py [--kills 20] [--steps 40] [--latest-every 2]
 
 1. A reference run: `python -m rrcm_jax.pretrain` on the synthetic data source with a
-   tiny ViT, uninterrupted; its wall time, and the time to its first training step, set
-   the kill window.
-2. The soak: the same command in another workdir, SIGKILLed `--kills` times, each time
-   after a random delay uniform in [0, startup + run / kills] (so kills land while Python
-   starts, while XLA compiles, between steps and while Orbax writes a checkpoint), then
-   run to completion.
+   tiny ViT, uninterrupted; its time to the first training step and its time per step
+   set the kill windows.
+2. The soak: the same command in another workdir, SIGKILLed `--kills` times, then run to
+   completion. A fifth of the kills land at a uniform moment of the start-up (Python, XLA
+   compilation, restoring); the others at a uniform moment within the time of
+   `steps / kills` training steps after the resumed run logs its first step (between
+   steps, and while Orbax writes or commits a checkpoint), so the run does not finish
+   before the last kill.
 3. Both final checkpoints are restored and every array (parameters, EMA and target copies,
    optimizer moments, step) is compared bit for bit.
 
@@ -41,9 +43,23 @@ def command(workdir, steps, latest_every):
           f"--config.latest_every={latest_every}"]
 
 
+_CHILDREN = []
+
+
 def start(cmd, log):
-  return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                           env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1"))
+  _CHILDREN.append(proc)
+  return proc
+
+
+def _stop_children(*_):
+  """SIGTERM to the soak: no run is left writing into its workdirs."""
+  for proc in _CHILDREN:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  raise SystemExit(1)
 
 
 def reference_run(cmd, log_path):
@@ -62,30 +78,47 @@ def reference_run(cmd, log_path):
   return wall, first_step or wall
 
 
-def soak(cmd, kills, window, log_path, rng):
+def _wait_for_training(proc, log_path, offset):
+  """Waits until the run logs a training step after byte `offset` of its log; False if it
+  ended first."""
+  while proc.poll() is None:
+    with open(log_path, "rb") as f:
+      f.seek(offset)
+      if b" step " in f.read():
+        return True
+    time.sleep(0.05)
+  return False
+
+
+def soak(cmd, kills, startup, step_window, log_path, rng):
   """Kills the run `kills` times at random moments, then lets it finish; (kills delivered,
-  restarts, final status)."""
-  delivered = restarts = 0
+  kills during start-up, restarts, final status)."""
+  delivered = early = restarts = 0
   with open(log_path, "w") as log:
     while delivered < kills:
+      log.flush()
+      offset = os.path.getsize(log_path)
       proc = start(cmd, log)
       restarts += 1
-      try:
-        proc.wait(timeout=rng.uniform(0.0, window))
-      except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        delivered += 1
-        log.write(f"\n=== soak: SIGKILL {delivered} ===\n")
-        log.flush()
-        continue
+      during_startup = rng.random() < 0.2
+      if during_startup or _wait_for_training(proc, log_path, offset):
+        try:
+          proc.wait(timeout=rng.uniform(0.0, startup if during_startup else step_window))
+        except subprocess.TimeoutExpired:
+          proc.send_signal(signal.SIGKILL)
+          proc.wait()
+          delivered += 1
+          early += during_startup
+          log.write(f"\n=== soak: SIGKILL {delivered} ===\n")
+          continue
+      proc.wait()
       if proc.returncode == 0:   # finished before the next kill: nothing left to interrupt
         break
       raise SystemExit(f"a resumed run failed by itself (status {proc.returncode}); see {log_path}.")
     proc = start(cmd, log)
     restarts += 1
     status = proc.wait()
-  return delivered, restarts, status
+  return delivered, early, restarts, status
 
 
 def final_arrays(workdir):
@@ -124,27 +157,30 @@ def main(argv=None):
   parser.add_argument("--root", default=None, help="directory for both workdirs (default: temp)")
   parser.add_argument("--keep", action="store_true", help="keep the workdirs and logs")
   args = parser.parse_args(argv)
+  signal.signal(signal.SIGTERM, _stop_children)
   rng = random.Random(args.seed)
   root = pathlib.Path(args.root or tempfile.mkdtemp(prefix="rrcm_soak_"))
   root.mkdir(parents=True, exist_ok=True)
   begin = time.time()
   wall, startup = reference_run(command(root / "reference", args.steps, args.latest_every),
                                 root / "reference.log")
-  window = startup + (wall - startup) / max(args.kills, 1)
-  delivered, restarts, status = soak(command(root / "soaked", args.steps, args.latest_every),
-                                     args.kills, window, root / "soaked.log", rng)
+  step_window = (wall - startup) / max(args.kills, 1)   # the time of steps / kills steps
+  delivered, early, restarts, status = soak(
+      command(root / "soaked", args.steps, args.latest_every), args.kills, startup, step_window,
+      root / "soaked.log", rng)
   if status:
     raise SystemExit(f"the last resumed run failed (status {status}); see {root / 'soaked.log'}.")
   ref_step, ref = final_arrays(str(root / "reference"))
   soak_step, soaked = final_arrays(str(root / "soaked"))
   compared, differ = compare(ref, soaked)
   text = (root / "soaked.log").read_text(errors="replace")
-  result = dict(kills=delivered, restarts=restarts, steps=args.steps, reference_step=ref_step,
+  result = dict(kills=delivered, kills_during_startup=early, restarts=restarts, steps=args.steps, reference_step=ref_step,
                 soaked_step=soak_step, equal=not differ and ref_step == soak_step,
                 arrays=compared, differing=differ[:5],
                 damaged_notices=text.count("failed verification"),
                 orphaned_tmp_dirs=len(list((root / "soaked" / "checkpoints").glob("*tmp*"))),
-                kill_window_s=round(window, 1), wall_s=round(time.time() - begin, 1))
+                startup_s=round(startup, 1), step_window_s=round(step_window, 2),
+                wall_s=round(time.time() - begin, 1))
   print(json.dumps(result), flush=True)
   if not args.keep:
     shutil.rmtree(root, ignore_errors=True)
