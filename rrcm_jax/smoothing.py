@@ -10,6 +10,16 @@ base classifier sees v = x + sigma * eps in model space, (v - 0.5) / 0.5, where
 the same noise has std 2 * sigma. The caller's `logits_fn` already conditions
 the classifier at the grid point nearest 2 * sigma; the sampler never does.
 
+Two ways to hand a sample to `logits_fn` (`logits_input`):
+  "noisy": `logits_fn(params, x_model)` with x_model = (x + sigma * eps - 0.5) / 0.5;
+  "clean_and_noise": `logits_fn(params, x, eps)` with the clean image x (pixel
+    space, repeated per sample) and the unit normal eps, for base classifiers
+    that add the noise themselves, like diffusion denoised smoothing
+    (`rrcm_jax.diffusion.dds.make_logits_fn`, docs/method.md, "Diffusion
+    denoised smoothing"), whose x_t carries slightly more noise than sigma.
+The eps of a sample is the same in both modes; the certificate uses the
+nominal sigma either way (conservative when the classifier adds more).
+
 Noise of sample j of image i in stream s:
 `normal(fold_in(fold_in(fold_in(key, i), s), j))`, one key per sample, so the
 counts depend neither on the chunk size nor on the number of devices. The n0
@@ -31,14 +41,19 @@ ESTIMATION_STREAM = 1  # CERTIFY's n samples that bound its probability
 PREDICTION_STREAM = 2  # PREDICT's n samples
 ABSTAIN = -1
 MAX_IN_FLIGHT = 8      # chunks dispatched ahead of the device before waiting
+LOGITS_INPUTS = ("noisy", "clean_and_noise")   # what `Sampler.logits_fn` receives
 
 
 class Sampler:
   """Monte Carlo class counts of a base classifier under Gaussian noise.
 
   Attributes:
-    logits_fn: `logits_fn(params, x_model) -> logits`, x_model float32
-      [b, H, W, C] in model space [-1, 1], logits [b, num_classes].
+    logits_fn: with logits_input "noisy", `logits_fn(params, x_model) -> logits`,
+      x_model float32 [b, H, W, C] in model space [-1, 1] (noise std 2 * sigma);
+      with "clean_and_noise", `logits_fn(params, x, eps) -> logits`, x float32
+      [b, H, W, C] the clean images in pixel space [0, 1] (one row per sample) and
+      eps float32 [b, H, W, C] unit normal. logits [b, num_classes].
+    logits_input: "noisy" or "clean_and_noise" (`LOGITS_INPUTS`).
     num_classes: number of classes K.
     sigma: noise std in pixel space [0, 1] (model space sees 2 * sigma).
     chunk_size: noisy samples per image per jitted call; memory scales with
@@ -52,7 +67,8 @@ class Sampler:
       structure, never again per image, index, stream or n.
   """
 
-  def __init__(self, logits_fn, num_classes, sigma, *, chunk_size=1024, mesh=None, seed=0):
+  def __init__(self, logits_fn, num_classes, sigma, *, chunk_size=1024, mesh=None, seed=0,
+               logits_input="noisy"):
     if not (isinstance(sigma, (int, float, np.floating)) and math.isfinite(sigma) and sigma > 0):
       raise ValueError(f"sigma must be a finite number > 0 (pixel space [0, 1]), got {sigma!r}.")
     num_classes = _positive_int("num_classes", num_classes)
@@ -60,7 +76,10 @@ class Sampler:
       raise ValueError(f"num_classes must be >= 2, got {num_classes}.")
     if mesh is not None and "data" not in mesh.axis_names:
       raise ValueError(f"mesh must have an axis named 'data', got axes {mesh.axis_names}.")
+    if logits_input not in LOGITS_INPUTS:
+      raise ValueError(f"logits_input must be one of {LOGITS_INPUTS}, got {logits_input!r}.")
     self.logits_fn = logits_fn
+    self.logits_input = logits_input
     self.num_classes = num_classes
     self.sigma = float(sigma)
     self.mesh = mesh
@@ -73,6 +92,7 @@ class Sampler:
     self.traces = {}
     self._chunk_fns = {}
     self._noisy_fns = {}
+    self._clean_fns = {}
 
   @property
   def trace_count(self):
@@ -118,6 +138,20 @@ class Sampler:
           functools.partial(self._noisy_batch, chunk_size=chunk_size))
     return self._noisy_fns[chunk_size](images, indices, self.key,
               *self.replicate((np.int32(stream), np.int32(start), np.float32(self.sigma))))
+
+  def clean_and_noise(self, images, indices, stream, start, chunk_size):
+    """What a "clean_and_noise" `logits_fn` receives for samples start ... start + chunk_size - 1.
+
+    Arguments as `noisy_inputs`. Returns (x, eps), both float32 [chunk_size * m, H, W, C],
+    sample-major and sharded over "data": x the clean images in pixel space [0, 1]
+    (row j * m + i is image i), eps the unit normal draws that `noisy_inputs` scales by sigma.
+    """
+    images, indices = self._prepare(images, indices)
+    if chunk_size not in self._clean_fns:
+      self._clean_fns[chunk_size] = jax.jit(
+          functools.partial(self._clean_and_noise_batch, chunk_size=chunk_size))
+    return self._clean_fns[chunk_size](images, indices, self.key,
+              *self.replicate((np.int32(stream), np.int32(start))))
 
   def dispatch_counts(self, params, images, indices, stream, num):
     """Starts counting the classes of `num` noisy samples per image; asynchronous.
@@ -185,9 +219,9 @@ class Sampler:
       return x
     return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P("data")))
 
-  def _noisy_batch(self, images, indices, key, stream, start, sigma, *, chunk_size):
-    """Model-space noisy inputs [chunk_size * m, H, W, C]; see `noisy_inputs`."""
-    m, shape = images.shape[0], images.shape[1:]
+  def _unit_noise(self, images, indices, key, stream, start, chunk_size):
+    """eps [chunk_size, m, H, W, C], unit normal, one key per (image, stream, sample)."""
+    shape = images.shape[1:]
     samples = self._shard(start + jnp.arange(chunk_size, dtype=jnp.int32))
     image_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(key, i), stream))(indices)
 
@@ -195,10 +229,33 @@ class Sampler:
       keys = jax.vmap(lambda k: jax.random.fold_in(k, j))(image_keys)
       return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
 
-    noise = self._shard(jax.vmap(sample_noise)(samples))   # [chunk, m, H, W, C]
+    return self._shard(jax.vmap(sample_noise)(samples))
+
+  def _noisy_batch(self, images, indices, key, stream, start, sigma, *, chunk_size):
+    """Model-space noisy inputs [chunk_size * m, H, W, C]; see `noisy_inputs`."""
+    m, shape = images.shape[0], images.shape[1:]
+    noise = self._unit_noise(images, indices, key, stream, start, chunk_size)
     pixels = images[None] + sigma * noise                   # v = x + sigma * eps, pixel space
     x_model = (pixels - 0.5) / 0.5                          # model space: noise std 2 * sigma
     return self._shard(x_model.reshape((chunk_size * m,) + shape))
+
+  def _clean_and_noise_batch(self, images, indices, key, stream, start, *, chunk_size):
+    """(x [chunk_size * m, H, W, C] pixel space, eps of the same shape); see `clean_and_noise`."""
+    m, shape = images.shape[0], images.shape[1:]
+    noise = self._unit_noise(images, indices, key, stream, start, chunk_size)
+    repeated = jnp.broadcast_to(images[None], noise.shape)
+    flat = (chunk_size * m,) + shape
+    return self._shard(repeated.reshape(flat)), self._shard(noise.reshape(flat))
+
+  def _logits(self, params, images, indices, key, stream, start, sigma, chunk_size):
+    """logits_fn on the chunk's samples, in the form `logits_input` names."""
+    if self.logits_input == "noisy":
+      inputs = (self._noisy_batch(images, indices, key, stream, start, sigma,
+                                  chunk_size=chunk_size),)
+    else:
+      inputs = self._clean_and_noise_batch(images, indices, key, stream, start,
+                                           chunk_size=chunk_size)
+    return self.logits_fn(params, *inputs), inputs[0].shape
 
   def _chunk_counts(self, chunk_size, params, counts, start, images, indices, key, stream, num,
                     sigma):
@@ -206,11 +263,11 @@ class Sampler:
     start + chunk_size)."""
     self.traces[chunk_size] += 1  # runs only while tracing
     m = images.shape[0]
-    x_model = self._noisy_batch(images, indices, key, stream, start, sigma, chunk_size=chunk_size)
-    logits = self.logits_fn(params, x_model)
+    logits, input_shape = self._logits(params, images, indices, key, stream, start, sigma,
+                                       chunk_size)
     if logits.shape != (chunk_size * m, self.num_classes):
       raise ValueError(f"logits_fn must return logits [{chunk_size * m}, {self.num_classes}] for "
-                       f"inputs {x_model.shape}, got {logits.shape}.")
+                       f"inputs {input_shape}, got {logits.shape}.")
     predictions = self._shard(jnp.argmax(logits, axis=-1).reshape(chunk_size, m))
     hits = jax.nn.one_hot(predictions, self.num_classes, dtype=jnp.int32)
     mask = (start + jnp.arange(chunk_size) < num).astype(jnp.int32)  # the last chunk is partial

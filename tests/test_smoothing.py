@@ -208,3 +208,60 @@ def test_bad_sampler_arguments():
     smoothing.certify(sampler, params, 2 * x - 1, 0, 10, 10, 0.01)
   with pytest.raises(ValueError, match=r"logits_fn must return logits \[64, 3\]"):
     smoothing.Sampler(linear_logits, 3, 0.5, chunk_size=64).sample_counts(params, x[None], [0], 1, 64)
+
+
+def noisy_via_clean_and_noise(logits_fn, sigma):
+  """A "clean_and_noise" logits_fn that forms the "noisy" mode's input itself."""
+  return lambda params, x, eps: logits_fn(params, (x + sigma * eps - 0.5) / 0.5)
+
+
+def test_clean_and_noise_counts_equal_noisy_for_any_devices_and_chunks():
+  params, images = mlp_problem()
+  indices, n, sigma = np.array([3, 7]), 1000, 0.5
+  reference = smoothing.Sampler(mlp_logits, 5, sigma, chunk_size=64).sample_counts(
+      params, images, indices, smoothing.ESTIMATION_STREAM, n)
+  assert np.sum(reference[0] > 50) >= 2   # spread over classes: a different draw would show
+  wrapped = noisy_via_clean_and_noise(mlp_logits, sigma)
+  for mesh, chunk in [(None, 64), (None, 100), (data_mesh(1), 64), (data_mesh(8), 64),
+                      (data_mesh(8), 48)]:
+    sampler = smoothing.Sampler(wrapped, 5, sigma, chunk_size=chunk, mesh=mesh,
+                                logits_input="clean_and_noise")
+    counts = sampler.sample_counts(params, images, indices, smoothing.ESTIMATION_STREAM, n)
+    np.testing.assert_array_equal(counts, reference)
+    single = sampler.sample_counts(params, images[1:], indices[1:], smoothing.ESTIMATION_STREAM, n)
+    np.testing.assert_array_equal(single[0], reference[1])
+
+
+def test_clean_and_noise_certify_uses_the_nominal_sigma():
+  """The same decision and radius (nominal sigma) as the "noisy" mode on the same draws."""
+  params, images = mlp_problem()
+  sigma = 0.25
+  noisy = smoothing.Sampler(mlp_logits, 5, sigma, chunk_size=128)
+  clean = smoothing.Sampler(noisy_via_clean_and_noise(mlp_logits, sigma), 5, sigma,
+                            chunk_size=256, logits_input="clean_and_noise")
+  expected = smoothing.certify(noisy, params, images[0], 5, 100, 2000, 0.001)
+  assert expected[0] != smoothing.ABSTAIN
+  assert smoothing.certify(clean, params, images[0], 5, 100, 2000, 0.001) == expected
+  assert smoothing.predict(clean, params, images[1], 6, 500, 0.001) == smoothing.predict(
+      noisy, params, images[1], 6, 500, 0.001)
+
+
+def test_clean_and_noise_inputs_are_the_noisy_inputs_draws():
+  params, images = mlp_problem()
+  sigma = 0.5
+  sampler = smoothing.Sampler(mlp_logits, 5, sigma, chunk_size=64, mesh=data_mesh(8),
+                              logits_input="clean_and_noise")
+  x, eps = sampler.clean_and_noise(images, [3, 7], smoothing.SELECTION_STREAM, 100, 64)
+  assert x.shape == eps.shape == (128, 6, 6, 3)
+  assert x.sharding.spec == eps.sharding.spec == P("data")
+  np.testing.assert_array_equal(np.asarray(x).reshape(64, 2, 6, 6, 3),
+                                np.broadcast_to(images, (64, 2, 6, 6, 3)))
+  assert abs(np.asarray(eps).std() - 1.0) < 0.03   # unit normal, not scaled by sigma
+  x_model = sampler.noisy_inputs(images, [3, 7], smoothing.SELECTION_STREAM, 100, 64)
+  np.testing.assert_allclose(np.asarray(x_model), (np.asarray(x) + sigma * np.asarray(eps) - 0.5) / 0.5,
+                             atol=1e-6)
+
+
+def test_unknown_logits_input():
+  with pytest.raises(ValueError, match=r"logits_input must be one of \('noisy', 'clean_and_noise'\)"):
+    smoothing.Sampler(linear_logits, 2, 0.5, logits_input="denoised")
