@@ -24,12 +24,15 @@ import numpy as np
 from rrcm_jax.diffusion import schedules
 from rrcm_jax.diffusion.unet import UNET_PRESETS, UNet
 
-# The public DDS denoisers: U-Net preset, schedule, timestep convention, native resolution.
+# DDS denoisers: U-Net preset, schedule, timestep convention, native resolution.
 DDS_PRESETS = {
     "cifar10_uncond_50M_500K": dict(noise_schedule="cosine", num_steps=4000,
                                     rescale_timesteps=True, image_size=32),
     "256x256_diffusion_uncond": dict(noise_schedule="linear", num_steps=1000,
                                      rescale_timesteps=False, image_size=256),
+    # The demo-size denoiser of UNET_PRESETS (no published weights): cosine, 1000 steps.
+    "fashion_mnist_small": dict(noise_schedule="cosine", num_steps=1000,
+                                rescale_timesteps=False, image_size=28),
 }
 
 
@@ -124,7 +127,7 @@ def make_logits_fn(unet, classifier_fn, step, classifier_size=None):
 
 
 def preset_unet_and_step(name, sigma, dtype=jnp.float32):
-  """(UNet, DDSStep) of a public DDS denoiser (`DDS_PRESETS`) for σ in pixel space."""
+  """(UNet, DDSStep) of a DDS denoiser (`DDS_PRESETS`) for σ in pixel space."""
   if name not in DDS_PRESETS:
     raise ValueError(f"unknown DDS denoiser {name!r}; known: {sorted(DDS_PRESETS)}.")
   cfg = DDS_PRESETS[name]

@@ -31,6 +31,12 @@ UNET_PRESETS = {
         in_channels=3, model_channels=256, out_channels=6, num_res_blocks=2,
         attention_resolutions=(8, 16, 32), dropout=0.0, channel_mult=(1, 1, 2, 2, 4, 4),
         num_head_channels=64, use_scale_shift_norm=True, resblock_updown=True),
+    # Not a published model: a Fashion-MNIST-size denoiser (28×28×1, ε only, 1.19 M
+    # parameters) for the demo's DDS comparison; 28 → 14 → 7 px, attention at 7 px.
+    "fashion_mnist_small": dict(
+        in_channels=1, model_channels=32, out_channels=1, num_res_blocks=1,
+        attention_resolutions=(4,), dropout=0.1, channel_mult=(1, 2, 2), num_heads=4,
+        use_scale_shift_norm=True),
 }
 
 # Torch constructor arguments that do not change the function (or are handled elsewhere).
