@@ -18,7 +18,13 @@ class TrainState:
   batch_stats: Any = None         # BatchNorm statistics of the online network
   target_params: Any = None       # target network ξ (pre-training)
   target_batch_stats: Any = None
-  ema_params: Any = None          # the fixed-rate "EMA model"
+  # The fixed-rate "EMA model": parameters only, no BatchNorm statistics. The
+  # reference's EMA model never moves its running statistics (it is never
+  # called in training mode, and its EMA update averages parameters, not
+  # buffers), and nothing reads them: fine-tuning, certification and the k-NN
+  # monitor take its encoder without the projection head. Its BatchNorm
+  # layers, if ever called in eval mode, take the online network's statistics.
+  ema_params: Any = None
 
   @classmethod
   def create(cls, params, tx, batch_stats=None, with_target=False, with_ema=False):
