@@ -52,7 +52,8 @@ def learning_rate(step, base_lr, warmup_steps, total_steps):
   """`base_lr` · f(k): linear warm-up f = k/W for k ≤ W, then ½(1 + cos(π(k − W)/(T − W))).
 
   f(0) = 0: the first update runs with learning rate 0 (Adam's moments still
-  move), as the reference's LambdaLR. f = 0 from k = T on. The cosine part is
+  move), as the reference's LambdaLR. f = 0 from k = T on. Without warm-up
+  (W = 0) the cosine starts at f(0) = 1 (the reference keeps f = 1 throughout). The cosine part is
   evaluated as sin²(π/2 · (T − k)/(T − W)), the same number without the
   cancellation of 1 + cos near the end (in float32 that costs 1e-6 relative
   already 1/8 of the way before T).
@@ -61,7 +62,7 @@ def learning_rate(step, base_lr, warmup_steps, total_steps):
   warm = jnp.minimum(step / max(warmup_steps, 1), 1.0)
   remaining = jnp.clip((total_steps - step) / max(total_steps - warmup_steps, 1), 0.0, 1.0)
   cosine = jnp.square(jnp.sin(0.5 * math.pi * remaining))
-  return base_lr * jnp.where(step <= warmup_steps, warm, cosine)
+  return base_lr * jnp.where(step < warmup_steps, warm, cosine)   # both 1 at k = W
 
 
 def clip_scale(grad_norm, step, warmup_steps, max_norm):

@@ -56,3 +56,8 @@ def test_clipping_only_after_warmup():
   assert float(schedules.clip_scale(10.0, 5, 10, 2.0)) == 1.0
   assert float(schedules.clip_scale(10.0, 10, 10, 2.0)) == pytest.approx(0.2)
   assert float(schedules.clip_scale(1.0, 50, 10, 2.0)) == 1.0
+
+
+def test_learning_rate_without_warmup_starts_at_the_peak():
+  assert float(schedules.learning_rate(0, 1e-3, 0, 100)) == pytest.approx(1e-3)
+  assert float(schedules.learning_rate(50, 1e-3, 0, 100)) == pytest.approx(0.5e-3, rel=1e-5)
