@@ -4,7 +4,7 @@ r"""Compiled memory of the RCM-B pre-training step at 224×224: which per-device
                               [--devices 8] [--quick]
 
 `jax.jit(step).lower(abstract state, abstract batch, key).compile().memory_analysis()`
-of `pretrain.make_train_step` for configs/imagenet_pretrain_rcmb.py (ViT-B/16
+of `pretrain_step.make_train_step` for configs/imagenet_pretrain_rcmb.py (ViT-B/16
 at 224, bfloat16 matmuls, float32 parameters and AdamW state, projection
 4096), with and without activation rematerialization (`model.remat`, one
 `jax.checkpoint` per block) and with and without FSDP (`mesh.fsdp`: the
@@ -37,7 +37,7 @@ import numpy as np
 
 from benchmarks import report
 from configs import imagenet_pretrain_rcmb
-from rrcm_jax import checkpoints, models, parallel, pretrain, train_state
+from rrcm_jax import checkpoints, models, optim, parallel, pretrain_step, train_state
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 GB = 1e9
@@ -62,7 +62,7 @@ def rcmb_config(depth, batch_per_device, remat, fsdp, devices, image_size=224, w
 def abstract_state(config, model, tx, mesh):
   """(abstract state with shardings, shardings) without allocating anything."""
   def init():
-    variables = model.init(jax.random.key(0), *pretrain.sample_inputs(config.model), train=True)
+    variables = model.init(jax.random.key(0), *models.sample_inputs(config.model), train=True)
     return train_state.TrainState.create(variables["params"], tx, variables["batch_stats"],
                                          with_target=True, with_ema=True)
   abstract = jax.eval_shape(init)
@@ -83,9 +83,9 @@ def per_device_bytes(abstract):
 def compiled_memory(config, mesh):
   """Per-device bytes of the compiled step: arguments, outputs, aliased, temp, peak, state."""
   model = models.rcm_encoder(config.model)
-  tx = pretrain.make_optimizer(config)
+  tx = optim.pretrain_optimizer(config)
   state, shardings = abstract_state(config, model, tx, mesh)
-  step = pretrain.make_train_step(config, model, tx, mesh, shardings)
+  step = pretrain_step.make_train_step(config, model, tx, mesh, shardings)
   m = config.model
   view = jax.ShapeDtypeStruct((config.batch_size, m.image_size, m.image_size, m.channels),
                               np.uint8, sharding=parallel.data_sharding(mesh))

@@ -8,7 +8,7 @@ For each model and chunk size (noisy samples per jitted call, one image):
 at the grid point nearest 2σ, classifier, argmax, counts) is timed to
 completion, and so is a bare jitted forward `logits_fn(params, x)` of the
 same batch of noisy inputs (the reference: no noise, no counting). Achieved
-FLOP/s use the analytic forward FLOPs (`classify.forward_flops`, 2 per
+FLOP/s use the analytic forward FLOPs (`rrcm_jax.flops.forward_flops`, 2 per
 multiply-add, attention included) and are stated as a fraction of the
 matrix-multiply rate measured in turns with them (`benchmarks.matmul`), so
 that a burst of load from other processes hits both alike.
@@ -36,7 +36,8 @@ import numpy as np
 from benchmarks import report, timing
 from benchmarks import matmul
 from configs import common, fashion_mnist_pretrain, imagenet_pretrain_rcmb
-from rrcm_jax import classify, models, smoothing
+from rrcm_jax import classifier, models, smoothing
+from rrcm_jax.flops import forward_flops
 
 SIGMA = 0.25        # pixel space; the classifier is conditioned at the grid point nearest 2σ
 NUM_SCALES = 80     # the icm schedule's final N (the classifier's grid)
@@ -75,8 +76,9 @@ def build(name, dtype="float32", attention=None, seed=0):
   model = models.classifier(cfg, NUM_CLASSES[name], final_norm=False)
   x = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.channels))
   params = jax.jit(model.init)(jax.random.key(seed), x, jnp.zeros((1,)))["params"]
-  logits_fn = classify.make_smoothing_logits_fn(model, NUM_SCALES, SIGMA, common.denoiser_config())
-  return cfg, logits_fn, params, classify.forward_flops(cfg, NUM_CLASSES[name])
+  logits_fn = classifier.make_smoothing_logits_fn(model, NUM_SCALES, SIGMA,
+                                                  common.denoiser_config())
+  return cfg, logits_fn, params, forward_flops(cfg, NUM_CLASSES[name])
 
 
 def _run_sampler(sampler, params, pixels, indices, num):
@@ -247,7 +249,7 @@ def agreement(workdir, images, labels, sigma=SIGMA, samples=256, which="last", c
   class on the same noisy inputs x + σε (pixel space σ).
 
   Args:
-    workdir: a fine-tuning workdir (`rrcm_jax.finetune.load_classifier`).
+    workdir: a fine-tuning workdir (`rrcm_jax.classifier.load_classifier`).
     images: uint8 [m, H, W, C] test images; labels: [m].
     samples: noisy samples per image (noise as the Sampler draws it: image i is
       keyed by its position i here).
@@ -260,15 +262,14 @@ def agreement(workdir, images, labels, sigma=SIGMA, samples=256, which="last", c
     the classifier is trained), the number of images whose majority vote
     (the smoothed prediction) differs, and the sizes.
   """
-  from rrcm_jax import finetune  # pylint: disable=g-import-not-at-top
-  _, params, info = finetune.load_classifier(workdir, which)
+  _, params, info = classifier.load_classifier(workdir, which)
   fns = []
   for dtype in dtypes:
     cfg = info["model"].copy_and_resolve_references()
     cfg.dtype = dtype
     model = models.classifier(cfg, info["num_classes"], info["final_norm"])
-    logits_fn = classify.make_smoothing_logits_fn(model, info["num_scales"], sigma,
-                                                  info["denoiser"])
+    logits_fn = classifier.make_smoothing_logits_fn(model, info["num_scales"], sigma,
+                                                    info["denoiser"])
     fns.append(jax.jit(lambda p, x, f=logits_fn: jnp.argmax(f(p, x), -1)))
   sampler = smoothing.Sampler(fns[0], info["num_classes"], sigma, chunk_size=chunk)
   m, labels = len(images), np.asarray(labels)

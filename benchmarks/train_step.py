@@ -3,12 +3,12 @@ r"""Pre-training step throughput: images/s and the fraction of the matmul rate.
   python -m benchmarks.train_step [--configs fashion_mnist,cifar] [--steps 8] [--quick]
                                   [--no-pipeline]
 
-For each config, the jitted `pretrain.make_train_step` (six encoder calls on
+For each config, the jitted `pretrain_step.make_train_step` (six encoder calls on
 the batch: three online calls with gradients, one online call without, two
 target calls; InfoNCE, AdamW, target and EMA updates, the state donated) is
 timed on a batch already on the device, in turns with the matrix-multiply
 rate (`benchmarks.matmul`). FLOPs per image are 12 forward-equivalents
-(`classify.training_flops("pretrain", ...)`: a forward with its backward
+(`flops.training_flops("pretrain", ...)`: a forward with its backward
 counts 3, a forward alone 1) of the analytic forward with the projection
 head. A second row runs the same step end to end: uint8 views from
 `rrcm_jax.data.pipelines.pretrain_batches` (the "synthetic" source, or
@@ -31,7 +31,7 @@ import numpy as np
 from benchmarks import report, timing
 from benchmarks import matmul, sampler
 from configs import cifar10_pretrain_rcmb, common, fashion_mnist_pretrain, imagenet_pretrain_rcmb
-from rrcm_jax import classify, models, parallel, pretrain
+from rrcm_jax import flops, models, optim, parallel, pretrain_step
 
 CONFIGS = ("tiny", "fashion_mnist", "cifar", "rcmb")
 
@@ -69,11 +69,11 @@ def setup(config, mesh, batch):
   The step is compiled once, ahead of time, for `batch`; the memory figures
   are its `memory_analysis()` (peak = arguments + outputs − donated + temp).
   """
-  pretrain.validate_config(config, mesh)
+  pretrain_step.validate_config(config, mesh)
   model = models.rcm_encoder(config.model)
-  tx = pretrain.make_optimizer(config)
-  state, shardings = pretrain.create_state(config, model, tx, mesh)
-  step = pretrain.make_train_step(config, model, tx, mesh, shardings)
+  tx = optim.pretrain_optimizer(config)
+  state, shardings = pretrain_step.create_state(config, model, tx, mesh)
+  step = pretrain_step.make_train_step(config, model, tx, mesh, shardings)
   compiled = step.lower(state, batch, jax.random.key(0)).compile()
   stats = compiled.memory_analysis()
   peak = None
@@ -115,13 +115,14 @@ def on_device_row(name, config, mesh, steps, rounds, matmul_sizes):
   # A timed step call lasts seconds on a CPU, a matmul call a tenth: more matmul samples.
   t = timing.interleaved_best(dict(matmul=mm_fn, step=stepper), rounds=rounds,
                                   repeats=dict(matmul=5, step=1))
-  flops = classify.training_flops("pretrain", config.model, 1)
+  per_image = flops.training_flops("pretrain", config.model, 1)
   images = config.batch_size * steps
   return dict(config=name, mode="on device", batch=config.batch_size, dtype=config.model.dtype,
               remat=bool(config.model.remat), devices=mesh.devices.size,
-              images_per_s=images / t["step"].wall, gflops=images * flops / t["step"].wall / 1e9,
-              **timing.efficiency(images * flops, t["step"], mm_flops, t["matmul"]),
-              matmul_gflops=mm_flops / t["matmul"].wall / 1e9, flops_per_image=flops,
+              images_per_s=images / t["step"].wall,
+              gflops=images * per_image / t["step"].wall / 1e9,
+              **timing.efficiency(images * per_image, t["step"], mm_flops, t["matmul"]),
+              matmul_gflops=mm_flops / t["matmul"].wall / 1e9, flops_per_image=per_image,
               peak_gb=peak_gb, load_average=report.load_average()), stepper
 
 

@@ -33,12 +33,11 @@ import jax
 from etils import epath
 from jax.experimental import multihost_utils
 
-from rrcm_jax import certlog, classify, finetune, models, parallel, pretrain, report, smoothing
+from rrcm_jax import certlog, classifier, models, parallel, report, smoothing
 from rrcm_jax import workdir as workdir_lib
 
 MODES = ("certify", "predict")
 SUBSETS = ("every", "first")
-TORCH_NUM_SCALES = 81   # N of the authors' released checkpoints (SPEC "Noise-level grid")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -81,88 +80,6 @@ def log_path(config, workdir):
 
 def _stem(path):
   return path[:-len(".tsv")] if path.endswith(".tsv") else path
-
-
-# ----------------------------------------------------------------------------
-# The classifier.
-# ----------------------------------------------------------------------------
-def _with_dtype(model_cfg, dtype):
-  model_cfg = model_cfg.copy_and_resolve_references()
-  with model_cfg.unlocked():
-    model_cfg.dtype = dtype or model_cfg.dtype
-  return model_cfg
-
-
-def _check_data(config, image_size, channels, num_classes, source):
-  for key, saved in (("image_size", image_size), ("channels", channels),
-                     ("num_classes", num_classes)):
-    if config.data[key] != saved:
-      raise ValueError(f"{source} holds a classifier for {key} {saved}, but config.data.{key} is "
-                       f"{config.data[key]}; use the config of the data it was trained on.")
-
-
-def _finetuned_classifier(config, mesh):
-  """(model, params, N, denoiser config, record) of a fine-tuning workdir's checkpoint."""
-  source = f"config.init_from={config.init_from}"
-  workdir, _ = classify.resolve_checkpoint(config.init_from)
-  saved = classify.read_config(workdir)
-  if "task" not in saved:
-    raise ValueError(f"{source} is not a fine-tuning workdir (its config.json has no task); "
-                     "certify the classifier that rrcm_jax.finetune wrote.")
-  checkpoints = ["last"] + sorted(p.name for p in workdir.iterdir() if p.name.startswith("best_"))
-  if config.checkpoint not in checkpoints:
-    raise ValueError(f"config.checkpoint={config.checkpoint!r} is not in {config.init_from}; "
-                     f"choose one of {checkpoints}.")
-  classify.check_architecture(saved.model, config.model, source)
-  _check_data(config, saved.model.image_size, saved.model.channels, saved.data.num_classes, source)
-  model, params, info = finetune.load_classifier(workdir, config.checkpoint, mesh)
-  if config.num_scales not in (None, info["num_scales"]):
-    raise ValueError(f"config.num_scales={config.num_scales} differs from N={info['num_scales']} "
-                     f"that {source} was trained with; leave it unset.")
-  model_cfg = _with_dtype(info["model"], config.dtype)
-  if model_cfg.dtype != info["model"].dtype:
-    model = models.classifier(model_cfg, info["num_classes"], info["final_norm"])
-  record = dict(source=_absolute(str(workdir)), checkpoint=config.checkpoint, step=info["step"],
-                dtype=model_cfg.dtype, num_scales=info["num_scales"], task=info["task"],
-                trained_sigma=info["sigma"], final_norm=info["final_norm"],
-                train_flops=info["train_flops"])
-  return model, params, info["num_scales"], info["denoiser"], record
-
-
-def _torch_classifier(config):
-  """(model, params, N, denoiser config, record) of the authors' fine-tuned PyTorch classifier."""
-  from rrcm_jax import torch_import  # pylint: disable=g-import-not-at-top
-  path = config.torch_checkpoint
-  if not os.path.isfile(path):
-    raise ValueError(f"config.torch_checkpoint={path} is not a file.")
-  model_cfg = _with_dtype(config.model, config.dtype)
-  model = models.classifier(model_cfg, config.data.num_classes, config.final_norm)
-  try:
-    state_dict = torch_import.load_torch_checkpoint(path, config.torch_network,
-                                                    trusted=config.torch_trusted)
-  except ImportError as e:
-    raise ValueError(str(e)) from None
-  variables = torch_import.load_variables(state_dict, model, pretrain.sample_inputs(model_cfg),
-                                          kind="classifier")
-  num_scales = config.num_scales or TORCH_NUM_SCALES
-  record = dict(source=_absolute(path), checkpoint=config.torch_network or "default",
-                step=None, dtype=model_cfg.dtype, num_scales=num_scales, task="torch",
-                trained_sigma=None, final_norm=config.final_norm)
-  return model, variables["params"], num_scales, config.denoiser, record
-
-
-def load_smoothing_classifier(config, mesh):
-  """(logits_fn(params, x_model) for the sampler, params, record of what is certified)."""
-  if config.init_from is not None:
-    model, params, num_scales, denoiser_cfg, record = _finetuned_classifier(config, mesh)
-  else:
-    model, params, num_scales, denoiser_cfg, record = _torch_classifier(config)
-  logits_fn = classify.make_smoothing_logits_fn(model, num_scales, config.sigma, denoiser_cfg)
-  return logits_fn, params, record
-
-
-def _absolute(path):
-  return path if "://" in path else os.path.abspath(path)
 
 
 # ----------------------------------------------------------------------------
@@ -311,8 +228,8 @@ def run(config, workdir, images=None):
   path = log_path(config, workdir)
   done = logged_indices(path, config.mode)
   mesh, chunk_size = _local_mesh_and_chunk(config)
-  logits_fn, params, classifier = load_smoothing_classifier(config, mesh)
-  settings = run_settings(config, classifier)
+  logits_fn, params, record = classifier.load_smoothing_classifier(config, mesh)
+  settings = run_settings(config, record)
   check_settings(path, settings)
   images = select_images(config) if images is None else images
   mine = images[jax.process_index()::jax.process_count()]   # image k -> process k % P
@@ -331,7 +248,7 @@ def run(config, workdir, images=None):
   if jax.process_index() == 0:
     if jax.process_count() > 1 or certlog.part_paths(path):
       certlog.merge_logs(path)
-    table = write_report(config, path, classifier)
+    table = write_report(config, path, record)
   return dict(log=path, certified=len(todo), skipped=len(mine) - len(todo), report=table)
 
 

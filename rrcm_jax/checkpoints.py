@@ -24,6 +24,7 @@ import signal
 import sys
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
@@ -313,3 +314,59 @@ class PreemptionWatcher:
 
   def restore_handler(self):
     signal.signal(signal.SIGTERM, self._previous)
+
+
+# ----------------------------------------------------------------------------
+# Reading another run's workdir: its config and parts of its checkpoints.
+# ----------------------------------------------------------------------------
+def read_config(workdir):
+  """The config.json a run wrote into its workdir, as a ConfigDict (or ValueError)."""
+  path = epath.Path(workdir) / "config.json"
+  try:
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path} is not a readable run config ({e}).") from None
+
+
+def resolve_checkpoint(init_from, key="config.init_from"):
+  """(run workdir, step or None) for a workdir, its checkpoints/ or checkpoints/<step>."""
+  path = epath.Path(init_from)
+  if not path.exists():
+    raise ValueError(f"{key}={init_from} does not exist.")
+  candidates = [(path, None)]
+  if path.name == "checkpoints":
+    candidates.append((path.parent, None))
+  if path.name.isdigit() and path.parent.name == "checkpoints":
+    candidates.append((path.parent.parent, int(path.name)))
+  for workdir, step in candidates:
+    if (workdir / "config.json").exists() and (workdir / "checkpoints").is_dir():
+      return workdir, step
+  raise ValueError(f"{key}={init_from} is not a checkpoint: expected a run workdir with "
+                   "config.json and checkpoints/ (or its checkpoints/ or checkpoints/<step>).")
+
+
+def complete_step(ckpt, step, source):
+  """The requested (or newest) complete checkpoint step of `ckpt`, or ValueError."""
+  steps = ckpt.all_steps()
+  if step is None and steps:
+    step = max(steps)
+  if step is None or step not in steps:
+    raise ValueError(f"{source} has no complete checkpoint"
+                     f"{'' if step is None else f' at step {step}'}.")
+  return step
+
+
+def restore_subtrees(workdir, subdir, target, step, source):
+  """Reads only `target` (abstract subtrees of a saved TrainState, e.g.
+  {"ema_params": {"vit": ...}}, with shardings) and the meta of checkpoint
+  `step` (None: the newest); no optimizer state or other copy is read."""
+  ckpt = Checkpointer(workdir, subdir=subdir)
+  try:
+    step = complete_step(ckpt, step, source)
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    restored = ckpt.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True),
+        meta=ocp.args.JsonRestore()))
+  finally:
+    ckpt.close()
+  return restored["state"], restored["meta"]

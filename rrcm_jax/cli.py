@@ -3,13 +3,14 @@ config file, every key overridable as `--config.a.b=v`) and `--workdir`.
 
 jax.distributed starts here, before anything touches a device, and a bad
 config or input ends the program with one sentence instead of a traceback.
+A run stopped by SIGTERM (`loop.Preempted`, checkpoint written) exits 75.
 """
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rrcm_jax import parallel
+from rrcm_jax import loop, parallel
 
 
 def run(main, argv, workdir_help="directory for checkpoints, logs and metrics (local or gs://)"):
@@ -24,6 +25,8 @@ def run(main, argv, workdir_help="directory for checkpoints, logs and metrics (l
     parallel.initialize_distributed()
     try:
       main(args)
+    except loop.Preempted:   # checkpointed: "preempted, rerun to resume" for the scheduler
+      sys.exit(loop.EX_TEMPFAIL)
     except (ValueError, FloatingPointError, FileNotFoundError) as e:
       print(f"error: {e}", file=sys.stderr, flush=True)
       sys.exit(2)

@@ -248,6 +248,12 @@ def classifier(cfg, num_classes, final_norm):
                     final_norm=final_norm)
 
 
+def sample_inputs(model_cfg, batch=2):
+  """(x zeros [batch, S, S, C] model space, τ zeros [batch]): what `init` and shape checks call."""
+  x = jnp.zeros((batch, model_cfg.image_size, model_cfg.image_size, model_cfg.channels))
+  return x, jnp.zeros((batch,))
+
+
 def count_params(params, exclude_patch_embed=False):
   """Number of parameters; `exclude_patch_embed` leaves out a frozen patch embedding."""
   flat = jax.tree_util.tree_flatten_with_path(params)[0]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from benchmarks import matmul, memory, sampler, scaling, train_step
-from rrcm_jax import classify
+from rrcm_jax import flops
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MACHINE_KEYS = {"cpu", "cores", "load_average", "backend", "device", "jax", "xla_flags"}
@@ -32,14 +32,14 @@ def test_cifar_forward_flops_are_the_issue_count():
   d, tokens = 192, 66
   per_block = tokens * d * (3 * d + d + 8 * d) + 2 * tokens * tokens * d
   macs = 64 * 4 * 4 * 3 * d + 6 * per_block + d * 10
-  assert classify.forward_flops(cfg, 10) == 2 * macs == 371_611_392
-  assert classify.training_flops("pretrain", cfg, 1) == 12 * classify.forward_flops(
+  assert flops.forward_flops(cfg, 10) == 2 * macs == 371_611_392
+  assert flops.training_flops("pretrain", cfg, 1) == 12 * flops.forward_flops(
       cfg, projection=True)
 
 
 def test_rcmb_forward_is_35_gflop():
-  flops = classify.forward_flops(sampler.model_config("rcmb"), 1000)
-  assert 35.0e9 < flops < 35.6e9
+  forward = flops.forward_flops(sampler.model_config("rcmb"), 1000)
+  assert 35.0e9 < forward < 35.6e9
 
 
 def test_matmul_quick(tmp_path):
@@ -67,12 +67,12 @@ def test_agreement_of_a_classifier_with_itself_is_exact(monkeypatch):
   """The agreement plumbing: float32 against float32 agrees on every noisy input."""
   cfg = sampler.model_config("tiny")
   from configs import common  # pylint: disable=g-import-not-at-top
-  from rrcm_jax import finetune, models  # pylint: disable=g-import-not-at-top
+  from rrcm_jax import classifier, models  # pylint: disable=g-import-not-at-top
   model = models.classifier(cfg, 10, False)
   params = model.init(jax.random.key(0), np.zeros((1, 28, 28, 1), np.float32), np.zeros((1,)))
   info = dict(model=cfg, num_classes=10, final_norm=False, num_scales=80,
               denoiser=common.denoiser_config(), step=7)
-  monkeypatch.setattr(finetune, "load_classifier", lambda *a, **k: (model, params["params"], info))
+  monkeypatch.setattr(classifier, "load_classifier", lambda *a, **k: (model, params["params"], info))
   images = np.random.default_rng(0).integers(0, 256, (3, 28, 28, 1), dtype=np.uint8)
   same = sampler.agreement("unused", images, np.arange(3), samples=12, chunk=8,
                            dtypes=("float32", "float32"))
@@ -137,3 +137,35 @@ def test_gpu_check_cpu_runs(tmp_path):
   assert all("json" in stages[k] for k in ("matmul", "sampler_float32", "train_step", "memory"))
   assert "skipped" in stages["agreement"]   # no classifier given
   assert (tmp_path / "gpu_check.log").exists()
+
+
+def test_inference_cost_quick_fashion_mnist_pair(tmp_path):
+  """DDS's denoise + classify costs more than rRCM's one call; XLA agrees with the ViT formula."""
+  from benchmarks import inference_cost  # pylint: disable=g-import-not-at-top
+  rows = inference_cost.main(["--quick", "--sampler", "--out", str(tmp_path / "ic.json")])
+  data = read(tmp_path / "ic.json")
+  rrcm, dds_row = data["rows"]
+  assert (rrcm["method"], dds_row["method"]) == ("rRCM", "DDS")
+  assert dds_row["xla_flops"] > rrcm["xla_flops"] > 0
+  # The ViT's analytic matmul count (rrcm_jax.flops): XLA adds the elementwise work.
+  assert abs(rrcm["xla_flops"] / rrcm["analytic_flops"] - 1) < 0.2
+  assert abs(rrcm["matmul_flops"] / rrcm["analytic_flops"] - 1) < 0.02
+  # DDS's classifier is the same ViT: the U-Net is the difference.
+  assert dds_row["classifier_analytic_flops"] == rrcm["analytic_flops"]
+  assert dds_row["matmul_flops"] > 10 * rrcm["matmul_flops"] and dds_row["ratio_matmul_flops"] > 10
+  assert all(r["samples_per_s"] > 0 and r["sampler_samples_per_s"] > 0 for r in rows)
+  assert dds_row["sampler_traces"] == 1   # the "clean_and_noise" chunk function, traced once
+  assert "| fashion_mnist | DDS |" in data["table"]
+
+
+def test_jaxpr_matmul_count_of_a_padded_conv():
+  """2 per multiply-add over the full kernel (padding included: the PyTorch counters'
+  convention); XLA's cost analysis leaves out the taps that fall on the padding."""
+  from benchmarks import inference_cost  # pylint: disable=g-import-not-at-top
+  conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  x, w = np.ones((2, 7, 7, 8), np.float32), np.ones((3, 3, 8, 16), np.float32)
+  assert inference_cost.matmul_flops(conv, x, w) == 2 * 2 * 7 * 7 * 16 * 3 * 3 * 8
+  taps = (2 * 2 + 5 * 3) ** 2   # in-bounds 3×3 taps summed over a 7×7 output
+  xla = inference_cost.xla_flops(jax.jit(conv).lower(x, w).compile())
+  assert xla == pytest.approx(2 * 2 * 16 * 8 * taps, rel=0.01)

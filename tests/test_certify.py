@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import fashion_mnist_certify, fashion_mnist_finetune
-from rrcm_jax import certify, certlog, finetune, parallel
+from rrcm_jax import certify, certlog, classifier, finetune, parallel
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # The tiny classifier: the Fashion-MNIST configs with these keys changed.
@@ -164,7 +164,7 @@ def test_predict_mode_and_every_kth_subset(classifier_dir, tmp_path):
 def test_torch_checkpoint_gives_the_same_log(classifier_dir, tmp_path):
   torch = pytest.importorskip("torch")
   from rrcm_jax import torch_import  # pylint: disable=g-import-not-at-top
-  _, params, _ = finetune.load_classifier(str(classifier_dir))
+  _, params, _ = classifier.load_classifier(str(classifier_dir))
   state_dict = torch_import.to_torch({"params": jax.device_get(params)}, kind="classifier")
   pth = tmp_path / "classifier.pth"
   torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}}, pth)

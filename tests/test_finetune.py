@@ -14,8 +14,9 @@ import optax
 import pytest
 
 from configs import common, fashion_mnist_finetune, fashion_mnist_pretrain
-from rrcm_jax import checkpoints, classify, denoiser, finetune, models, parallel, pretrain
-from rrcm_jax import schedules
+from rrcm_jax import checkpoints, classifier, denoiser, finetune, finetune_step, flops, models
+from rrcm_jax import optim, parallel, pretrain, pretrain_step, schedules
+from rrcm_jax.evaluators import accuracy
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ONE = lambda: parallel.make_mesh(jax.devices()[:1])
@@ -97,8 +98,8 @@ def pretrain_dir(tmp_path_factory):
 
 
 def _init_params(config):
-  model = classify.build_classifier(config)
-  return jax.jit(lambda: model.init(jax.random.key(0), *pretrain.sample_inputs(config.model)))()[
+  model = classifier.build_classifier(config)
+  return jax.jit(lambda: model.init(jax.random.key(0), *models.sample_inputs(config.model)))()[
       "params"]
 
 
@@ -107,17 +108,17 @@ def _init_params(config):
 # ----------------------------------------------------------------------------
 def test_noise_levels_follow_spec():
   d = common.denoiser_config()
-  assert classify.grid_sigma(0.5, 81, d) == pytest.approx(0.492707, rel=1e-5)
-  assert classify.grid_sigma(2.0, 81, d) == pytest.approx(2.003647, rel=1e-5)
-  assert classify.grid_sigma(0.0, 81, d) == pytest.approx(0.002, rel=1e-5)   # s = 0 -> N - 1
-  assert [classify.metric_name(s) for s in (0, 0.5, 1.0, 2.0)] == [
+  assert classifier.grid_sigma(0.5, 81, d) == pytest.approx(0.492707, rel=1e-5)
+  assert classifier.grid_sigma(2.0, 81, d) == pytest.approx(2.003647, rel=1e-5)
+  assert classifier.grid_sigma(0.0, 81, d) == pytest.approx(0.002, rel=1e-5)   # s = 0 -> N - 1
+  assert [accuracy.metric_name(s) for s in (0, 0.5, 1.0, 2.0)] == [
       "clean", "noisy_0.5", "noisy_1.0", "noisy_2.0"]
   config = tiny_config()
-  model = classify.build_classifier(config)
+  model = classifier.build_classifier(config)
   params = _init_params(config)
   x = jax.random.normal(jax.random.key(1), (3, 8, 8, 1))
   # The certification logits at pixel σ = 0.25 condition on grid point 53 (nearest 2σ = 0.5).
-  smoothing = jax.jit(classify.make_smoothing_logits_fn(model, 81, 0.25, d))(params, x)
+  smoothing = jax.jit(classifier.make_smoothing_logits_fn(model, 81, 0.25, d))(params, x)
   sigma_53 = float(denoiser.karras_sigma(53, 81))
   manual = jax.jit(model.apply)({"params": params}, denoiser.c_in(sigma_53) * x,
                                 jnp.full((3,), denoiser.time_condition(sigma_53)))
@@ -127,12 +128,12 @@ def test_noise_levels_follow_spec():
 def test_layer_ids_weight_decay_and_layer_scales():
   config = tiny_config()
   params = _init_params(config)
-  ids = {"/".join(getattr(k, "key", "") for k in path): classify.layer_id(path, 2)
+  ids = {"/".join(getattr(k, "key", "") for k in path): optim.layer_id(path, 2)
          for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
   assert ids["vit/cls_token"] == ids["vit/pos_embed"] == ids["vit/patch_embed/kernel"] == 0
   assert ids["vit/blocks_0/attn/qkv/kernel"] == 1 and ids["vit/blocks_1/fc2/bias"] == 2
   assert ids["vit/norm/scale"] == ids["head/kernel"] == ids["head/bias"] == 3
-  decay = {"/".join(getattr(k, "key", "") for k in path): bool(classify.decays_weight(path, leaf))
+  decay = {"/".join(getattr(k, "key", "") for k in path): bool(optim.decays_weight(path, leaf))
            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
   assert decay["vit/blocks_0/fc1/kernel"] and decay["head/kernel"]
   assert not any(decay[k] for k in ("vit/cls_token", "vit/pos_embed", "head/bias",
@@ -141,7 +142,7 @@ def test_layer_ids_weight_decay_and_layer_scales():
   config.optim.per_epoch_lr = False
   config.optim.warmup_epochs = 0
   config.train_head = True
-  tx, lr = classify.make_optimizer(config, 10, finetune.TASKS["consistency"](config).trains)
+  tx, lr = optim.finetune_optimizer(config, 10, finetune_step.TASKS["consistency"](config).trains)
   grads = jax.tree.map(jnp.ones_like, params)
   updates, _ = jax.jit(lambda g, p: tx.update(g, tx.init(p), p))(grads, params)
   peak = 1e-3 * 16 / 256
@@ -155,41 +156,41 @@ def test_layer_ids_weight_decay_and_layer_scales():
 def test_lr_per_epoch_is_piecewise_constant():
   config = tiny_config(epochs=10)
   config.optim.warmup_epochs = 2
-  lr = classify.lr_schedule(config, steps_per_epoch=5)
+  lr = optim.lr_schedule(config, steps_per_epoch=5)
   peak = 1e-3 * 16 / 256
   assert [float(lr(s)) for s in (0, 4, 5, 9)] == pytest.approx([0, 0, peak / 2, peak / 2])
   assert float(lr(10)) == pytest.approx(peak)
   config.optim.per_epoch_lr = False
-  lr = classify.lr_schedule(config, steps_per_epoch=5)
+  lr = optim.lr_schedule(config, steps_per_epoch=5)
   assert float(lr(5)) == pytest.approx(peak / 2) and float(lr(4)) == pytest.approx(peak * 0.4)
 
 
 def test_forward_flops_match_spec_and_budgets():
   rcmb = common.model_config(width=768, depth=12, num_heads=12, patch_size=16, image_size=224)
   # docs/method.md, Certification: ≈ 17.7 G multiply-adds at 224, ≈ 5.7 G at 32 with p = 4.
-  assert classify.forward_flops(rcmb) / 2 == pytest.approx(17.7e9, rel=0.01)
+  assert flops.forward_flops(rcmb) / 2 == pytest.approx(17.7e9, rel=0.01)
   cifar = common.model_config(width=768, depth=12, num_heads=12, patch_size=4, image_size=32)
-  assert classify.forward_flops(cifar) / 2 == pytest.approx(5.7e9, rel=0.01)
+  assert flops.forward_flops(cifar) / 2 == pytest.approx(5.7e9, rel=0.01)
   small = fashion_mnist_pretrain.get_config().model
-  f = classify.forward_flops(small, num_classes=10)
-  assert classify.training_flops("consistency", small, 5, 10) == 6 * 5 * f
-  assert classify.training_flops("finetune", small, 5, 10) == 3 * 5 * f
-  assert classify.training_flops("pretrain", small, 1) == 12 * classify.forward_flops(
+  f = flops.forward_flops(small, num_classes=10)
+  assert flops.training_flops("consistency", small, 5, 10) == 6 * 5 * f
+  assert flops.training_flops("finetune", small, 5, 10) == 3 * 5 * f
+  assert flops.training_flops("pretrain", small, 1) == 12 * flops.forward_flops(
       small, projection=True)
   with pytest.raises(ValueError, match="stage must be one of"):
-    classify.training_flops("distill", small, 1)
+    flops.training_flops("distill", small, 1)
 
 
 # ----------------------------------------------------------------------------
 # Steps: which parameters train, sharding.
 # ----------------------------------------------------------------------------
 def _one_step(config, mesh, overrides=None, steps=1):
-  model = classify.build_classifier(config)
-  task = finetune.TASKS[config.task](config)
-  tx, lr = classify.make_optimizer(config, 2, task.trains)
-  state, shardings = classify.create_state(config, model, tx, mesh, overrides)
+  model = classifier.build_classifier(config)
+  task = finetune_step.TASKS[config.task](config)
+  tx, lr = optim.finetune_optimizer(config, 2, task.trains)
+  state, shardings = finetune_step.create_state(config, model, tx, mesh, overrides)
   before = jax.device_get(state.params)
-  step = finetune.make_train_step(config, model, tx, lr, task, 81, mesh, shardings)
+  step = finetune_step.make_train_step(config, model, tx, lr, task, 81, mesh, shardings)
   data = ArrayData().train(0)
   for _ in range(steps):
     state, metrics = step(state, parallel.global_batch(next(data), mesh), jax.random.key(0))
@@ -227,30 +228,31 @@ def test_eight_devices_equal_one_device():
 # Loading a pre-trained encoder.
 # ----------------------------------------------------------------------------
 def _abstract_params(config, mesh=None):
-  tx, _ = classify.make_optimizer(config, 2, finetune.TASKS[config.task](config).trains)
-  return classify.state_layout(config, classify.build_classifier(config), tx, mesh or ONE())[0].params
+  tx, _ = optim.finetune_optimizer(config, 2, finetune_step.TASKS[config.task](config).trains)
+  model = classifier.build_classifier(config)
+  return finetune_step.state_layout(config, model, tx, mesh or ONE())[0].params
 
 
 @pytest.mark.parametrize("weights,field", [("ema", "ema_params"), ("online", "params"),
                                            ("target", "target_params")])
 def test_encoder_weights_come_from_the_chosen_copy(pretrain_dir, weights, field):
   pre = tiny_pretrain_config()
-  state, _ = pretrain.create_state(pre, models.rcm_encoder(pre.model),
-                                   pretrain.make_optimizer(pre), ONE())
+  state, _ = pretrain_step.create_state(pre, models.rcm_encoder(pre.model),
+                                   optim.pretrain_optimizer(pre), ONE())
   ckpt = checkpoints.Checkpointer(pretrain_dir)
   saved, _ = ckpt.restore(checkpoints.abstract_like(state))
   ckpt.close()
-  copies = [jax.tree.leaves(getattr(saved, f)["vit"])[0] for f in classify.WEIGHTS.values()]
+  copies = [jax.tree.leaves(getattr(saved, f)["vit"])[0] for f in classifier.WEIGHTS.values()]
   assert not np.array_equal(copies[0], copies[1]) and not np.array_equal(copies[1], copies[2])
   config = tiny_config(init_from=str(pretrain_dir), init_weights=weights)
-  vit, info = classify.load_pretrained_encoder(config, _abstract_params(config))
+  vit, info = classifier.load_pretrained_encoder(config, _abstract_params(config))
   for a, b in zip(jax.tree.leaves(vit), jax.tree.leaves(getattr(saved, field)["vit"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert info["num_scales"] == 81 and info["pretrain_step"] == 4
   # checkpoints/<step> picks that step: N(2) of a 4-step run is 41
   # (docs/method.md, Number of scales during pre-training).
   config.init_from = str(pretrain_dir / "checkpoints" / "2")
-  _, info2 = classify.load_pretrained_encoder(config, _abstract_params(config))
+  _, info2 = classifier.load_pretrained_encoder(config, _abstract_params(config))
   assert info2["pretrain_step"] == 2 and info2["num_scales"] == schedules.num_scales(2, 4) == 41
 
 
@@ -267,7 +269,7 @@ def test_train_resume_best_checkpoints_and_load_classifier(pretrain_dir, tmp_pat
   rows = [json.loads(l) for l in (work / "metrics.jsonl").read_text().splitlines()]
   train_rows = [r for r in rows if "loss" in r]
   assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
-  assert train_rows[-1]["train_flops"] == 4 * 16 * 6 * classify.forward_flops(config.model, 4)
+  assert train_rows[-1]["train_flops"] == 4 * 16 * 6 * flops.forward_flops(config.model, 4)
   assert train_rows[-1]["total_flops"] > train_rows[-1]["train_flops"]   # + pre-training
   val = [r for r in rows if "val/clean" in r]
   assert [r["step"] for r in val] == [2, 4] and {"val/noisy_0.5", "val/noisy_2.0"} <= set(val[0])
@@ -276,23 +278,23 @@ def test_train_resume_best_checkpoints_and_load_classifier(pretrain_dir, tmp_pat
   assert set(results) == {"last", "best_clean", "best_noisy_0.5", "best_noisy_1.0",
                           "best_noisy_2.0"}
   assert json.loads((work / "config.json").read_text())["num_scales"] == 81
-  model, params, info = finetune.load_classifier(str(work), "best_noisy_0.5", mesh=ONE())
+  model, params, info = classifier.load_classifier(str(work), "best_noisy_0.5", mesh=ONE())
   assert info["num_scales"] == 81 and info["sigma"] == 0.25 and info["num_classes"] == 4
   assert info["step"] in (2, 4) and not info["final_norm"]
-  _, last, _ = finetune.load_classifier(str(work), mesh=ONE())
+  _, last, _ = classifier.load_classifier(str(work), mesh=ONE())
   for a, b in zip(jax.tree.leaves(last), jax.tree.leaves(resumed.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   with pytest.raises(ValueError, match="choose one of"):
-    finetune.load_classifier(str(work), "best_noisy_3.0")
+    classifier.load_classifier(str(work), "best_noisy_3.0")
 
 
 def test_consistency_starts_from_a_linear_probe_with_its_trained_head(pretrain_dir, tmp_path):
   probe = tiny_config("linear", epochs=1, init_from=str(pretrain_dir))
   probe.optim.lr = 0.1
   finetune.train(probe, str(tmp_path / "probe"), data=ArrayData(), mesh=ONE())
-  _, probe_params, probe_info = finetune.load_classifier(str(tmp_path / "probe"), mesh=ONE())
+  _, probe_params, probe_info = classifier.load_classifier(str(tmp_path / "probe"), mesh=ONE())
   config = tiny_config(init_from=str(tmp_path / "probe"))
-  overrides, info = classify.initial_params(config, _abstract_params(config))
+  overrides, info = classifier.initial_params(config, _abstract_params(config))
   assert info["num_scales"] == probe_info["num_scales"] == 81
   assert info["pretrain_flops"] == probe_info["train_flops"] > 0
   for a, b in zip(jax.tree.leaves(overrides), jax.tree.leaves(probe_params)):
@@ -302,17 +304,18 @@ def test_consistency_starts_from_a_linear_probe_with_its_trained_head(pretrain_d
 
 def test_evaluation_counts_every_example_once_whatever_the_batch():
   config = tiny_config()
-  model = classify.build_classifier(config)
+  model = classifier.build_classifier(config)
   mesh = parallel.make_mesh()
   params = jax.device_put(_init_params(config), parallel.replicated(mesh))
   shardings = jax.tree.map(lambda _: parallel.replicated(mesh), params)
-  step = classify.make_eval_step(model, 81, [0.0, 1.0], config.denoiser, mesh, shardings)
-  calls = []
-  counting = lambda p, b: calls.append(int(np.sum(np.asarray(b["mask"])))) or step(p, b)
-  acc8 = classify.evaluate(counting, params, ArrayData(num_val=13, eval_batch=8).evaluate("x"),
-                           mesh)
-  acc16 = classify.evaluate(step, params, ArrayData(num_val=13, eval_batch=16).evaluate("x"),
-                            mesh)
+  predict = classifier.level_logits_fn(model, 81, config.denoiser)
+  batches = lambda size: lambda: ArrayData(num_val=13, eval_batch=size).evaluate("x")
+  evaluator = accuracy.Evaluator(predict, batches(8), [0.0, 1.0], mesh, shardings)
+  calls, step = [], evaluator.step
+  evaluator.step = lambda p, b: calls.append(int(np.sum(np.asarray(b["mask"])))) or step(p, b)
+  acc8 = dict(evaluator.run(params))
+  acc16 = dict(evaluator.with_batches(batches(16)).run(params))
+  assert list(acc8) == ["clean", "noisy_1.0"]
   assert sum(calls) == 13
   assert acc8 == pytest.approx(acc16)     # the noise of an example depends on its index only
 

@@ -6,13 +6,13 @@ import optax
 import pytest
 
 from configs import common
-from rrcm_jax import models, pretrain
+from rrcm_jax import models, optim
 
 
 def _variables(cfg, batch=2):
   model = models.rcm_encoder(cfg)
   return model, jax.eval_shape(
-      lambda: model.init(jax.random.key(0), *pretrain.sample_inputs(cfg, batch), train=True))
+      lambda: model.init(jax.random.key(0), *models.sample_inputs(cfg, batch), train=True))
 
 
 @pytest.mark.parametrize("kw,hidden,frozen,total,trainable,encoder,head", [
@@ -73,7 +73,7 @@ def test_bfloat16_compute_keeps_float32_params_and_outputs_close():
 
 def test_mocov3_init_bounds():
   cfg = _tiny(init="mocov3", width=48, num_heads=3)
-  params = models.rcm_encoder(cfg).init(jax.random.key(0), *pretrain.sample_inputs(cfg),
+  params = models.rcm_encoder(cfg).init(jax.random.key(0), *models.sample_inputs(cfg),
                                         train=True)["params"]
   qkv = params["vit"]["blocks_0"]["attn"]["qkv"]["kernel"]
   fc1 = params["vit"]["blocks_0"]["fc1"]["kernel"]
@@ -99,7 +99,7 @@ def test_frozen_patch_embedding_gets_no_gradient_and_no_update():
   assert float(optax.tree.norm(grads["vit"]["patch_embed"])) == 0.0
   assert float(optax.tree.norm(grads["vit"]["blocks_0"])) > 0.0
   config = pretrain_config_for(cfg)
-  tx = pretrain.make_optimizer(config)
+  tx = optim.pretrain_optimizer(config)
   opt_state = tx.init(variables["params"])
   grads = jax.tree.map(jnp.ones_like, variables["params"])   # weight decay too must not touch it
   for _ in range(3):

@@ -15,7 +15,8 @@ import optax
 import pytest
 
 from configs import common
-from rrcm_jax import checkpoints, losses, models, parallel, pretrain, schedules
+from rrcm_jax import checkpoints, losses, models, optim, parallel, pretrain, pretrain_step
+from rrcm_jax import schedules
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -48,8 +49,8 @@ def synthetic_batches(batch_size, size=8, channels=3):
 
 def _grads(config, mesh, batch, index=3, num_scales=21):
   model = models.rcm_encoder(config.model)
-  tx = pretrain.make_optimizer(config)
-  state, _ = pretrain.create_state(config, model, tx, mesh)
+  tx = optim.pretrain_optimizer(config)
+  state, _ = pretrain_step.create_state(config, model, tx, mesh)
   views = {k: parallel.global_batch({k: batch[k]}, mesh)[k] for k in batch}
   views = {k: jax.numpy.asarray(v, jnp.float32) / 127.5 - 1 for k, v in views.items()}
   noise = jax.device_put(np.random.default_rng(0).standard_normal(batch["x"].shape, np.float32),
@@ -133,9 +134,9 @@ def test_target_and_ema_follow_their_rates(tmp_path):
   config = tiny_config(total_steps=2)
   mesh = parallel.make_mesh(jax.devices()[:1])
   model = models.rcm_encoder(config.model)
-  tx = pretrain.make_optimizer(config)
-  state, shardings = pretrain.create_state(config, model, tx, mesh)
-  step = pretrain.make_train_step(config, model, tx, mesh, shardings)
+  tx = optim.pretrain_optimizer(config)
+  state, shardings = pretrain_step.create_state(config, model, tx, mesh)
+  step = pretrain_step.make_train_step(config, model, tx, mesh, shardings)
   batch = parallel.global_batch(next(synthetic_batches(16)(0)), mesh)
   state, _ = step(state, batch, jax.random.key(0))   # lr 0 at step 0: params unchanged
   before = jax.tree.map(np.asarray, state)
@@ -180,9 +181,9 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     _run(config, tmp_path)
   ckpt = checkpoints.Checkpointer(tmp_path)
   assert ckpt.latest_step() is not None and str(ckpt.latest_step()) in str(err.value)
-  state = pretrain.create_state(config, models.rcm_encoder(config.model),
-                                pretrain.make_optimizer(config),
-                                parallel.make_mesh(jax.devices()[:1]))[0]
+  state = pretrain_step.create_state(config, models.rcm_encoder(config.model),
+                                     optim.pretrain_optimizer(config),
+                                     parallel.make_mesh(jax.devices()[:1]))[0]
   restored, _ = ckpt.restore(checkpoints.abstract_like(state))
   assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(restored.params))
 
@@ -200,7 +201,7 @@ def test_impossible_configs_stop_before_compiling(key, value, match, tmp_path):
   section, _, name = key.rpartition(".")
   (config[section] if section else config)[name] = value
   with pytest.raises(ValueError, match=match):
-    pretrain.validate_config(config, parallel.make_mesh())
+    pretrain_step.validate_config(config, parallel.make_mesh())
   assert not (tmp_path / "x").exists()
 
 
@@ -267,6 +268,7 @@ def test_cli_trains_survives_sigterm_and_resumes(tmp_path):
   out, _ = proc.communicate(timeout=120)
   text = "".join(lines) + out
   assert "preempted: checkpoint written at step" in text, text[-2000:]
+  assert proc.returncode == 75   # EX_TEMPFAIL: preempted, rerun to resume
   step = checkpoints.Checkpointer(workdir).latest_step()
   assert step is not None and step >= 3
   proc = _cli(workdir, f"--config.total_steps={step + 2}")
