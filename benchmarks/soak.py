@@ -24,6 +24,7 @@ import json
 import os
 import pathlib
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -32,6 +33,8 @@ import tempfile
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+PROGRESS = re.compile(rb"\] step \d+/")   # a progress line: "[####....] step 12/40 loss ..."
+RESUMED = re.compile(r"starting at step (\d+)")
 TINY = ["--config.data.name=synthetic", "--config.model.width=32", "--config.model.depth=1",
         "--config.model.num_heads=2", "--config.model.proj_hidden=16",
         "--config.model.proj_out=8", "--config.batch_size=16", "--config.log_every=1"]
@@ -70,7 +73,7 @@ def reference_run(cmd, log_path):
     proc = start(cmd, log)
     while proc.poll() is None:
       time.sleep(0.2)
-      if first_step is None and " step 1/" in pathlib.Path(log_path).read_text(errors="replace"):
+      if first_step is None and PROGRESS.search(pathlib.Path(log_path).read_bytes()):
         first_step = time.time() - begin
     if proc.returncode:
       raise SystemExit(f"the reference run failed (status {proc.returncode}); see {log_path}.")
@@ -84,7 +87,7 @@ def _wait_for_training(proc, log_path, offset):
   while proc.poll() is None:
     with open(log_path, "rb") as f:
       f.seek(offset)
-      if b" step " in f.read():
+      if PROGRESS.search(f.read()):
         return True
     time.sleep(0.05)
   return False
@@ -177,6 +180,7 @@ def main(argv=None):
   result = dict(kills=delivered, kills_during_startup=early, restarts=restarts, steps=args.steps, reference_step=ref_step,
                 soaked_step=soak_step, equal=not differ and ref_step == soak_step,
                 arrays=compared, differing=differ[:5],
+                resumed_from=sorted({int(s) for s in RESUMED.findall(text)}),
                 damaged_notices=text.count("failed verification"),
                 orphaned_tmp_dirs=len(list((root / "soaked" / "checkpoints").glob("*tmp*"))),
                 startup_s=round(startup, 1), step_window_s=round(step_window, 2),
