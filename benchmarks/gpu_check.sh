@@ -15,7 +15,10 @@
 #   4. the RCM-B pre-training step (bfloat16, per-device batch 64, with and without remat),
 #      images/s on a batch already on the device;
 #   5. the compiled memory analysis of that step at 224 for per-device batches 64-512, with
-#      and without remat (FSDP over 8 devices as an estimate: one GPU here).
+#      and without remat (FSDP over 8 devices as an estimate: one GPU here);
+#   6. diffusion denoised smoothing against rRCM (benchmarks/inference_cost.py): FLOPs per
+#      noisy sample and samples/s of the CIFAR-10 and ImageNet pairs in bfloat16, the bare
+#      per-chunk function and smoothing.Sampler end to end ("clean_and_noise" for DDS).
 # Each stage is skipped once the time budget is spent. Results: DIR/gpu_check.json (all
 # stages) and DIR/gpu_check.log; DIR defaults to $OUT when set (the device tool), else
 # benchmarks/results/gpu.
@@ -81,7 +84,7 @@ budget, only = float(sys.argv[5]), [s for s in sys.argv[6].split(",") if s]
 start = time.time()
 import flax, jax
 import benchmarks
-from benchmarks import matmul, memory, sampler, train_step
+from benchmarks import inference_cost, matmul, memory, sampler, train_step
 
 print(f"jax {jax.__version__}, flax {flax.__version__}, devices {jax.devices()}", flush=True)
 tmp = tempfile.mkdtemp()
@@ -92,6 +95,7 @@ if cpu:
       ("sampler_float32", sampler.main, ["--quick"]),
       ("train_step", train_step.main, ["--quick", "--no-pipeline"]),
       ("memory", memory.main, ["--quick", "--devices", "1"]),
+      ("inference_cost", inference_cost.main, ["--quick", "--sampler"]),
   ]
   agreement_args = ["--agreement-count", "4", "--agreement-samples", "32"]
 else:
@@ -110,6 +114,9 @@ else:
       ("memory", memory.main, ["--batches", "128,512", "--devices", "1"]),
       ("train_step_remat", train_step.main, ["--configs", "rcmb", "--batch", "64", "--steps", "3",
                                              "--rounds", "2", "--no-pipeline", "--remat"]),
+      ("inference_cost", inference_cost.main, ["--datasets", "cifar10,imagenet", "--dtype",
+                                               "bfloat16", "--chunk", "32", "--sampler",
+                                               "--seconds", "2"]),
   ]
   agreement_args = ["--agreement-count", "100", "--agreement-samples", "1000"]
 if classifier:
