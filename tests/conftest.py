@@ -8,6 +8,7 @@ collectives loaded from it deadlock in the all-gather rendezvous or abort
 processes). The suite fits CI's budget without it; compiled programs are
 shared within a test process through session-scoped fixtures instead.
 """
+import importlib.util
 import os
 import pathlib
 import sys
@@ -17,6 +18,13 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+# torch's CUDA wheels depend on triton, whose import segfaults once TensorFlow is loaded
+# (TensorFlow then triton crashes; triton then TensorFlow works). The data tests load
+# TensorFlow before torch's optional parts (torch._dynamo, via timm / transformers) pull
+# triton in, so it is loaded first here when installed.
+if importlib.util.find_spec("triton") is not None:
+  import triton  # pylint: disable=g-import-not-at-top,unused-import
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
 
