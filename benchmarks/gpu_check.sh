@@ -83,7 +83,7 @@ cpu, classifier, images, out_dir = sys.argv[1] == "1", sys.argv[2], sys.argv[3],
 budget, only = float(sys.argv[5]), [s for s in sys.argv[6].split(",") if s]
 start = time.time()
 import flax, jax
-import benchmarks
+from benchmarks import report
 from benchmarks import inference_cost, matmul, memory, sampler, train_step
 
 print(f"jax {jax.__version__}, flax {flax.__version__}, devices {jax.devices()}", flush=True)
@@ -135,7 +135,7 @@ if not classifier and (not only or "agreement" in only):
 
 
 def save():   # after every stage: a run cut short still leaves what it measured
-  return benchmarks.write_results("gpu_check", dict(stages=results, seconds=time.time() - start),
+  return report.write_results("gpu_check", dict(stages=results, seconds=time.time() - start),
                                   os.path.join(out_dir, "gpu_check.json"))
 
 
