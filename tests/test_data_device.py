@@ -99,7 +99,8 @@ def test_photometric_op_equals_tf(A, op, channels, size):
 def test_adjust_hue_equals_tf_at_every_hue_sector(A):
   rgb = np.random.default_rng(3).uniform(size=(8, 8, 3)).astype(np.float32)
   rgb[0, :3] = [[0.5, 0.5, 0.5], [0.0, 0.0, 0.0], [1.0, 0.2, 0.2]]  # gray, black, pure hue
-  for delta in (-0.5, -0.1, 0.0, 0.07, 0.33, 0.5):
+  # hue 0 shifted by a tiny negative delta wraps to exactly 1.0: the kernel's missing case
+  for delta in (-0.5, -0.1, -1e-9, 0.0, 0.07, 0.33, 0.5):
     np.testing.assert_allclose(np.asarray(D.adjust_hue(rgb, delta)),
                                A.tf.image.adjust_hue(rgb, delta).numpy(), atol=1e-5)
 
@@ -194,10 +195,9 @@ def test_batches_do_not_depend_on_the_device_count():
   assert many.images.sharding.spec == parallel.data_sharding(many.mesh).spec
   for a, b in zip(_pretrain(many, 2, 2, scale=(0.3, 0.9)), _pretrain(one, 2, 2, scale=(0.3, 0.9))):
     jax.tree.map(np.testing.assert_array_equal, a, b)
-  for aug_name in ("weak", "strong"):
-    a = jax.tree.map(np.asarray, next(many.finetune_batches(3, 48, aug_name)))
-    b = jax.tree.map(np.asarray, next(one.finetune_batches(3, 48, aug_name)))
-    jax.tree.map(np.testing.assert_array_equal, a, b)
+  a = jax.tree.map(np.asarray, next(many.finetune_batches(3, 48, "strong")))
+  b = jax.tree.map(np.asarray, next(one.finetune_batches(3, 48, "strong")))
+  jax.tree.map(np.testing.assert_array_equal, a, b)
   for a, b in zip(many.eval_batches(64), one.eval_batches(64)):
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, a), jax.tree.map(np.asarray, b))
 

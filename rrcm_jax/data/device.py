@@ -73,6 +73,10 @@ class DeviceData:
     index = np.arange(len(images)) if index is None else np.asarray(index)
     self.index = _put(index.astype(np.int32), replicated)
     self._key = jax.random.key(self.seed)
+    self._shuffle_key = jax.random.fold_in(self._key, _SHUFFLE_STREAM)
+    n = self.num_examples
+    self._permute = jax.jit(lambda k: jax.random.permutation(k, n).astype(jnp.int32),
+                            out_shardings=replicated)
 
   @classmethod
   def from_config(cls, data_cfg, split, mesh, seed):
@@ -91,9 +95,7 @@ class DeviceData:
     crop_scale = tuple(float(c) for c in crop_scale)
     if not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
       raise ValueError(f"crop_scale={crop_scale} must be (min, max) with 0 < min <= max <= 1.")
-    fn = self._program(global_batch, functools.partial(aug.pretrain_views, crop_scale=crop_scale),
-                       with_labels=False)
-    return self._stream(fn, start_step, global_batch)
+    return self._stream(self._program(global_batch, "pretrain", crop_scale), start_step, global_batch)
 
   def finetune_batches(self, start_step, global_batch, augment="none"):
     """Infinite iterator of {"image": uint8 [B, S, S, C], "label": int32 [B]} global arrays.
@@ -104,8 +106,7 @@ class DeviceData:
     if augment not in aug.DEVICE_FINETUNE_AUGMENTS:
       raise ValueError(f"augment={augment!r} is not available with data.pipeline='device' "
                        f"(allowed: {aug.DEVICE_FINETUNE_AUGMENTS}); use data.pipeline='tfdata' for it.")
-    view = lambda image, key: {"image": aug.finetune_view(image, key, augment)}
-    return self._stream(self._program(global_batch, view, with_labels=True), start_step, global_batch)
+    return self._stream(self._program(global_batch, "finetune", augment), start_step, global_batch)
 
   def eval_batches(self, global_batch):
     """Finite iterator over the split in order: {"image" uint8 [B, S, S, C], "label" int32 [B],
@@ -127,10 +128,8 @@ class DeviceData:
 
   @functools.lru_cache(maxsize=4)
   def _permutation(self, epoch):
-    key = jax.random.fold_in(jax.random.fold_in(self._key, _SHUFFLE_STREAM), epoch)
-    perm = jax.jit(lambda k: jax.random.permutation(k, self.num_examples).astype(jnp.int32),
-                   out_shardings=parallel.replicated(self.mesh))
-    return perm(key)
+    """int32 [N], replicated: the order of epoch `epoch` (one compiled program for all)."""
+    return self._permute(jax.random.fold_in(self._shuffle_key, epoch))
 
   def _stream(self, fn, start_step, global_batch):
     for step in itertools.count(int(start_step)):
@@ -148,8 +147,15 @@ class DeviceData:
     return jax.lax.psum_scatter(picked, parallel.DATA, scatter_dimension=0, tiled=True)
 
   @functools.lru_cache(maxsize=8)
-  def _program(self, global_batch, view, with_labels):
-    """jit: (images, labels, perm_e, perm_e+1, offset, step) -> the step's batch dict."""
+  def _program(self, global_batch, kind, option):
+    """jit: (images, labels, perm_e, perm_e+1, offset, step) -> the step's batch dict.
+
+    kind "pretrain" (option: crop scale) or "finetune" (option: augment name).
+    """
+    if kind == "pretrain":
+      view = functools.partial(aug.pretrain_views, crop_scale=option)
+    else:
+      view = lambda image, key: {"image": aug.finetune_view(image, key, option)}
     n, devices = self.num_examples, self.mesh.shape[parallel.DATA]
     per_device = global_batch // devices
     augment_key = jax.random.fold_in(self._key, _AUGMENT_STREAM)
@@ -163,7 +169,7 @@ class DeviceData:
       step_key = jax.random.fold_in(augment_key, step)
       keys = jax.vmap(lambda j: jax.random.fold_in(step_key, j))(mine)
       out = jax.vmap(view)(images, keys)
-      if with_labels:
+      if kind == "finetune":
         out["label"] = jax.lax.dynamic_slice_in_dim(labels[idx], first, per_device)
       return out
 

@@ -89,9 +89,11 @@ def resized_crop(image, box, size):
   """uint8 [H, W, C], box (top, left, crop_h, crop_w) -> uint8 [size, size, C].
 
   Bilinear, half-pixel centres, clamped at the image edges (`augment.resized_crops`
-  without its box-halving, which never applies when H, W < 2 size).
+  without its box-halving, which never applies when H, W < 2 size). Materialized
+  (optimization barrier): fused into later per-pixel ops, XLA:CPU would redo the
+  gathers for every pixel those ops read.
   """
-  return to_uint8(resized_crop_float(image, box, size))
+  return jax.lax.optimization_barrier(to_uint8(resized_crop_float(image, box, size)))
 
 
 def resized_crop_float(image, box, size):
@@ -122,7 +124,8 @@ def luma(image):
   """float [H, W, C] -> [H, W, 1]: 0.299 R + 0.587 G + 0.114 B (C = 1: the image)."""
   if image.shape[-1] == 1:
     return image
-  return jnp.sum(image * jnp.asarray(_LUMA, jnp.float32), axis=-1, keepdims=True)
+  # Written out: a reduction over a 3-wide axis is ~10x slower on XLA:CPU.
+  return (_LUMA[0] * image[..., 0:1] + _LUMA[1] * image[..., 1:2]) + _LUMA[2] * image[..., 2:3]
 
 
 def grayscale(image):
@@ -130,41 +133,73 @@ def grayscale(image):
   return jnp.broadcast_to(luma(image), image.shape)
 
 
-def _rgb_to_hsv(rgb):
-  """TensorFlow's AdjustHue kernel conversion, per pixel: float [..., 3] -> h, s, v [...]."""
+def _rgb_to_hue_range(rgb):
+  """float [..., 3] -> hue in [0, 6), v_min, v_max: TensorFlow's AdjustHue kernel's quantities.
+
+  Hue from the largest channel, found by comparing the channels (ties may fall either
+  side, as in the kernel; the hue is continuous there). A few selects instead of the
+  kernel's six-case table: XLA:CPU fuses a table's selects into many copies.
+  """
   r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-  v = jnp.maximum(r, jnp.maximum(g, b))
-  rng = v - jnp.minimum(r, jnp.minimum(g, b))
-  s = jnp.where(v > 0, rng / jnp.where(v > 0, v, 1.0), 0.0)
-  norm = 1.0 / (6.0 * rng)
-  h = jnp.where(r == v, norm * (g - b),
-                jnp.where(g == v, norm * (b - r) + 2.0 / 6.0, norm * (r - g) + 4.0 / 6.0))
-  h = jnp.where(rng <= 0.0, 0.0, h)
-  return jnp.where(h < 0.0, h + 1.0, h), s, v
+  r_max = (r >= g) & (r >= b)
+  g_max = ~r_max & (g >= b)
+  v_max = jnp.where(r_max, r, jnp.where(g_max, g, b))
+  v_min = jnp.minimum(r, jnp.minimum(g, b))
+  span = v_max - v_min
+  safe = jnp.where(span > 0, span, 1.0)
+  hue = jnp.where(r_max, (g - b) / safe, jnp.where(g_max, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
+  hue = jnp.where(hue < 0, hue + 6.0, hue)
+  return jnp.where(span > 0, hue, 0.0), v_min, v_max
 
 
-def _hsv_to_rgb(h, s, v):
-  c = s * v
-  m = v - c
-  dh = h * 6.0
-  category = dh.astype(jnp.int32)                 # truncation, as static_cast<int>
-  fmodu = dh - 2.0 * jnp.floor(dh / 2.0)          # the kernel's loops (same x at fmodu 0 or 2)
-  x = c * (1.0 - jnp.abs(fmodu - 1.0))
-  zero = jnp.zeros_like(c)
-  table = [(c, x, zero), (x, c, zero), (zero, c, x), (zero, x, c), (x, zero, c), (c, zero, x)]
-  pick = lambda k: jnp.select([category == i for i in range(6)], [t[k] for t in table], zero)
-  return jnp.stack([pick(0) + m, pick(1) + m, pick(2) + m], axis=-1)
+def _hue_range_to_rgb(hue, v_min, v_max):
+  """Channel n in (5, 3, 1): v_max - (v_max - v_min) clip(min(k, 4 - k), 0, 1), k = (n + hue) mod 6.
+
+  The kernel's piecewise-linear map (each channel the max, the min or the interpolated
+  middle value of its sextant), equal to rounding.
+  """
+  span = v_max - v_min
+
+  def channel(n):
+    k = n + hue
+    k = jnp.where(k >= 6.0, k - 6.0, k)
+    return v_max - span * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0)
+
+  return jnp.stack([channel(5.0), channel(3.0), channel(1.0)], axis=-1)
 
 
 def adjust_hue(image, delta):
-  """float RGB [H, W, 3], delta (fraction of the hue circle): tf.image.adjust_hue."""
-  h, s, v = _rgb_to_hsv(image)
-  h = h + delta
-  return _hsv_to_rgb(h - jnp.floor(h), s, v)
+  """float RGB [H, W, 3], delta (fraction of the hue circle): tf.image.adjust_hue's kernel."""
+  hue, v_min, v_max = _rgb_to_hue_range(image)
+  hue = hue + delta * 6
+  hue = jnp.where(hue < 0, hue + 6, hue)             # |delta| <= 1: one turn at most
+  hue = jnp.where(hue >= 6, hue - 6, hue)
+  return _hue_range_to_rgb(hue, v_min, v_max)
+
+
+def _mean(image):
+  """Mean of all values; a dot product, since XLA:CPU's vmapped reductions are ~10x slower."""
+  flat = image.reshape(-1)
+  return jnp.dot(flat, jnp.ones_like(flat)) / flat.size
 
 
 def _blend(image, factor, mean):
   return jnp.clip(factor * image + (1 - factor) * mean, 0.0, 1.0)
+
+
+def _blends(image, order, factors, slots, active=lambda s: True):
+  """The brightness / contrast / saturation ops at `slots` of `order` where active(slot).
+
+  The three are one blend f x + (1 - f) m towards m = 0, the mean luma or the luma
+  (f x + (1 - f) 0 is exactly f x): one evaluation per slot, not three.
+  """
+  out = image
+  for slot in slots:
+    op = order[slot]
+    y = luma(out)
+    target = jnp.where(op == 1, _mean(y), jnp.where(op == 2, y, 0.0))
+    out = jnp.where(active(slot) & (op < 3), _blend(out, factors[jnp.minimum(op, 2)], target), out)
+  return out
 
 
 def color_jitter(image, u, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, p=0.8):
@@ -176,15 +211,14 @@ def color_jitter(image, u, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1
   f = u[U["factors"]]
   factors = jnp.stack([1 - brightness + 2 * brightness * f[0], 1 - contrast + 2 * contrast * f[1],
                        1 - saturation + 2 * saturation * f[2], -hue + 2 * hue * f[3]])
-  ops = [lambda x, v: jnp.clip(x * v, 0.0, 1.0),                      # brightness
-         lambda x, v: _blend(x, v, jnp.mean(luma(x)))]                # contrast
-  if image.shape[-1] == 3:
-    ops += [lambda x, v: _blend(x, v, luma(x)), adjust_hue]           # saturation, hue
-  order = jnp.argsort(u[U["order"]][:len(ops)], stable=True)
-  out = image
-  for slot in range(len(ops)):
-    op = order[slot]
-    out = jax.lax.switch(op, ops, out, factors[op])
+  num_ops = 4 if image.shape[-1] == 3 else 2
+  order = jnp.argsort(u[U["order"]][:num_ops], stable=True)
+  if num_ops == 2:
+    out = _blends(image, order, factors, range(2))
+  else:  # the blends before the hue slot, the hue shift once, the blends after it
+    hue_slot = jnp.argmax(order == 3)
+    out = _blends(image, order, factors, range(3), lambda s: s < hue_slot)
+    out = _blends(adjust_hue(out, factors[3]), order, factors, range(1, 4), lambda s: s > hue_slot)
   return jnp.where(u[U["jitter"]] < p, out, image)
 
 
@@ -229,7 +263,8 @@ def solarize(image, u, p, threshold=0.5):
 def strong_view(crop, u, blur_p, solarize_p):
   """uint8 crop [S, S, C] -> uint8: flip, jitter p 0.8, grayscale p 0.2, blur, solarize."""
   v = flip(to_float(crop), u)
-  v = random_grayscale(color_jitter(v, u), u)
+  # Materialized: the blur reads every pixel 2 x 3 times, and fused it would recompute the jitter.
+  v = jax.lax.optimization_barrier(random_grayscale(color_jitter(v, u), u))
   return to_uint8(solarize(gaussian_blur(v, u, blur_p), u, solarize_p))
 
 
