@@ -311,3 +311,31 @@ def test_debian_fashion_mnist_loads_in_idx_order():
   test = arrays.load_split(cfg, "test")
   assert test.images.shape == (10_000, 28, 28, 1) and np.bincount(test.labels).tolist() == [1000] * 10
   assert test.labels[:5].tolist() == [9, 2, 1, 1, 6]   # the first t10k labels as the dataset documents
+
+
+def test_config_data_serves_the_trainers_interface(tmp_path):
+  rng = np.random.default_rng(0)
+  path = str(tmp_path / "d.npz")
+  np.savez(path, x_train=rng.integers(0, 256, (40, 8, 8), dtype=np.uint8), y_train=np.arange(40) % 10,
+           x_test=rng.integers(0, 256, (12, 8, 8), dtype=np.uint8), y_test=np.arange(12) % 10)
+  config = ml_collections.ConfigDict(dict(
+      data=_cfg(arrays=path, train_split="train[:75%]", pretrain_crop_scale=(0.35, 1.0)),
+      seed=3, batch_size=16, eval_batch_size=8, augment="weak"))
+  data = device.ConfigData(config, parallel.make_mesh())
+  assert data.num_train() == 30
+  views = next(data.pretrain(5))
+  assert set(views) == {"x", "a1", "a2"} and views["a1"].shape == (16, 8, 8, 1)
+  batch = next(data.train(0))
+  assert batch["image"].sharding.spec == parallel.data_sharding(data.mesh).spec
+  assert int(np.max(np.asarray(batch["label"]))) < 10
+  evals = list(data.evaluate("test"))
+  assert len(evals) == 2 and int(np.sum([np.asarray(b["mask"]).sum() for b in evals])) == 12
+
+
+def test_input_device_benchmark_quick(tmp_path):
+  pytest.importorskip("tensorflow")
+  from benchmarks import input_device  # pylint: disable=g-import-not-at-top
+  rows = input_device.main(["--quick", "--out", str(tmp_path / "b.json")])
+  assert rows[0]["tfdata"] > 0 and rows[0]["device"] > 0
+  assert rows[0]["ratio"] == pytest.approx(rows[0]["device"] / rows[0]["tfdata"], abs=0.01)
+  assert (tmp_path / "b.json").exists()

@@ -198,3 +198,40 @@ class DeviceData:
     mapped = jax.shard_map(local_batch, mesh=self.mesh, in_specs=(spec, P(), P(), P()),
                            out_specs=spec)
     return jax.jit(mapped)
+
+
+class ConfigData:
+  """The trainers' data interface over `DeviceData` for `data.pipeline = "device"`.
+
+  Mirrors finetune.PipelineData (num_train, train, evaluate) and adds pretrain;
+  batches are global jax.Arrays already sharded on "data" (no
+  `parallel.global_batch` needed). The splits are read once (`arrays.load_split`).
+  """
+
+  def __init__(self, config, mesh):
+    self.config, self.mesh = config, mesh
+    self._splits = {}
+
+  def split(self, name):
+    """The `DeviceData` of split spec `name` (one per spec, built on first use)."""
+    if name not in self._splits:
+      self._splits[name] = DeviceData.from_config(self.config.data, name, self.mesh, self.config.seed)
+    return self._splits[name]
+
+  def num_train(self):
+    return self.split(self.config.data.train_split).num_examples
+
+  def pretrain(self, start_step):
+    """{"x", "a1", "a2"} global batches from step start_step on."""
+    scale = self.config.data.get("pretrain_crop_scale", None) or aug.PRETRAIN_CROP_SCALE
+    return self.split(self.config.data.train_split).pretrain_batches(
+        start_step, self.config.batch_size, crop_scale=scale)
+
+  def train(self, start_step):
+    """{"image", "label"} global fine-tuning batches from step start_step on."""
+    return self.split(self.config.data.train_split).finetune_batches(
+        start_step, self.config.batch_size, self.config.get("augment", "none"))
+
+  def evaluate(self, split):
+    """{"image", "label", "mask", "index"} global batches over `split`, in order."""
+    return self.split(split).eval_batches(self.config.eval_batch_size)
