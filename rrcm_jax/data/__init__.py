@@ -7,10 +7,14 @@ Modules:
              certification subset) and `prefetch_to_device`.
   mixup      mixup / cutmix with label smoothing, in JAX on device (no TF).
   prepare    `python -m rrcm_jax.data.prepare fashion_mnist` (offline TFDS build).
+  arrays     whole datasets as numpy (IDX files, CIFAR pickles, .npz; TFDS if
+             installed), in the files' order, and TFDS-style split specs (no TF).
+  device     on-device batches of in-memory datasets: `DeviceData`, `ConfigData` (no TF).
+  device_augment  the pre-training / fine-tuning views as per-example JAX ops (no TF).
 
 Importing `sources`, `augment` or `pipelines` imports TensorFlow (through
-`import_tensorflow`, which hides every GPU from it first); `mixup` and this
-package do not, so the core library stays importable without TensorFlow.
+`import_tensorflow`, which hides every GPU from it first); `mixup`, `arrays`,
+`device`, `device_augment` and this package do not, so the core library stays importable without TensorFlow.
 Pipelines yield uint8 pixels in [0, 255], NHWC.
 """
 import functools
