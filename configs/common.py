@@ -134,7 +134,10 @@ def pretrain_config(total_steps, batch_size, lr, weight_decay, warmup_divisor,
   steps = config.get_ref("total_steps")
   config.batch_size = batch_size          # global batch, over all devices and hosts
   config.optim = ml_collections.ConfigDict(dict(
-      lr=lr, weight_decay=weight_decay, b1=0.9, b2=0.999,
+      lr=lr, weight_decay=weight_decay, b1=0.9, b2=0.999, eps=1e-8,
+      # "all": weight decay on every parameter (the reference's pre-training);
+      # "vit": none on biases, norms, pos_embed and cls_token.
+      weight_decay_on="all",
       warmup_steps=steps // warmup_divisor,
       grad_clip=2.0,                      # applied only after warm-up
   ))

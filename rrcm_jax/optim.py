@@ -29,13 +29,28 @@ def trainable_labels(params):
       else "train", params)
 
 
+WEIGHT_DECAY_ON = ("all", "vit")
+
+
 def pretrain_optimizer(config):
   """AdamW with warm-up + cosine over config.total_steps; a frozen patch embedding
-  gets no update at all."""
+  gets no update at all.
+
+  config.optim.weight_decay_on: "all" (default) decays every parameter, as the
+  reference's single AdamW parameter group; "vit" spares biases, norms,
+  pos_embed and cls_token (`decays_weight`, as fine-tuning).
+  """
   o = config.optim
+  decay_on = o.get("weight_decay_on", "all")
+  if decay_on not in WEIGHT_DECAY_ON:
+    raise ValueError(f"config.optim.weight_decay_on must be one of {WEIGHT_DECAY_ON}, got "
+                     f"{decay_on!r}.")
+  mask = None if decay_on == "all" else (
+      lambda p: jax.tree_util.tree_map_with_path(decays_weight, p))
   lr = functools.partial(schedules.learning_rate, base_lr=o.lr, warmup_steps=o.warmup_steps,
                          total_steps=config.total_steps)
-  adamw = optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
+  adamw = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.get("eps", 1e-8),
+                      weight_decay=o.weight_decay, mask=mask)
   if not config.model.frozen_patch_embed:
     return adamw
   return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, trainable_labels)

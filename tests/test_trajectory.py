@@ -341,17 +341,48 @@ def test_ema_model_batchnorm_statistics(ref, setup, trajectory):
   assert not np.allclose(outs[0][0], outs[1][0])             # projection z: statistics
 
 
-def test_weight_decay_reaches_every_parameter_by_default(ref, setup):
-  """The reference's AdamW has one parameter group: biases, norms, pos_embed and
-  cls_token decay too. One update with zero gradients shows the decay alone."""
-  config, _, _, state, _ = setup
+def _decay_only_update(state, config, **optim_overrides):
+  """(params, params after one update with zero gradients and lr = base lr)."""
   config = ml_collections.ConfigDict(config.to_dict())
-  config.optim.update(weight_decay=0.1, warmup_steps=0)   # lr(0) = base lr
+  config.optim.update(weight_decay=0.1, warmup_steps=0, **optim_overrides)   # lr(0) = base
   tx = optim.pretrain_optimizer(config)
   zeros = jax.tree.map(jnp.zeros_like, state.params)
   updates, _ = tx.update(zeros, tx.init(state.params), state.params)
+  return config, jax.tree_util.tree_leaves_with_path(optax.apply_updates(state.params, updates))
+
+
+@pytest.mark.parametrize("decay_on", ["all", "vit"])
+def test_weight_decay_set(setup, decay_on):
+  """"all" (default): the reference's one AdamW parameter group, biases, norms,
+  pos_embed and cls_token decay too. "vit": those are spared."""
+  config, _, _, state, _ = setup
+  config, after = _decay_only_update(state, config, weight_decay_on=decay_on)
   shrink = 1.0 - config.optim.lr * config.optim.weight_decay
-  for path, p, u in zip(jax.tree_util.tree_leaves_with_path(state.params),
-                        jax.tree.leaves(state.params), jax.tree.leaves(updates)):
-    np.testing.assert_allclose(p + u, p * shrink, rtol=1e-6, atol=1e-12,
-                               err_msg=jax.tree_util.keystr(path[0]))
+  spared = 0
+  for (path, new), old in zip(after, jax.tree.leaves(state.params)):
+    name = jax.tree_util.keystr(path)
+    exempt = decay_on == "vit" and (old.ndim <= 1 or "pos_embed" in name or "cls_token" in name)
+    spared += exempt
+    np.testing.assert_allclose(new, old if exempt else old * shrink, rtol=1e-6, atol=1e-12,
+                               err_msg=name)
+  assert (spared > 0) == (decay_on == "vit")
+
+
+def test_optimizer_reads_eps(setup):
+  config, _, _, state, _ = setup
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.optim.update(warmup_steps=0, weight_decay=0.0)
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), state.params)
+  def first_update(eps):
+    config.optim.eps = eps
+    tx = optim.pretrain_optimizer(config)
+    return jax.tree.leaves(tx.update(grads, tx.init(state.params), state.params)[0])[0]
+  # Adam's first step is −lr·g/(|g| + ε): ε = |g| halves it.
+  np.testing.assert_allclose(first_update(1e-3), 0.5 * first_update(0.0), rtol=1e-5)
+
+
+def test_unknown_weight_decay_set_is_refused(setup):
+  config = ml_collections.ConfigDict(setup[0].to_dict())
+  config.optim.weight_decay_on = "biases"
+  with pytest.raises(ValueError, match="weight_decay_on"):
+    optim.pretrain_optimizer(config)
