@@ -7,7 +7,7 @@ bit for bit where an uninterrupted run ends.
    tiny ViT, uninterrupted; its time to the first training step and its time per step
    set the kill windows.
 2. The soak: the same command in another workdir, SIGKILLed `--kills` times, then run to
-   completion. A fifth of the kills land at a uniform moment of the start-up (Python, XLA
+   completion. Every fifth kill lands at a uniform moment of the start-up (Python, XLA
    compilation, restoring); the others at a uniform moment within the time of
    `steps / kills` training steps after the resumed run logs its first step (between
    steps, and while Orbax writes or commits a checkpoint), so the run does not finish
@@ -34,7 +34,7 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PROGRESS = re.compile(rb"\] step \d+/")   # a progress line: "[####....] step 12/40 loss ..."
-RESUMED = re.compile(r"starting at step (\d+)")
+RESUMED = re.compile(r"(?:starting|resuming) at step (\d+)")
 TINY = ["--config.data.name=synthetic", "--config.model.width=32", "--config.model.depth=1",
         "--config.model.num_heads=2", "--config.model.proj_hidden=16",
         "--config.model.proj_out=8", "--config.batch_size=16", "--config.log_every=1"]
@@ -103,7 +103,7 @@ def soak(cmd, kills, startup, step_window, log_path, rng):
       offset = os.path.getsize(log_path)
       proc = start(cmd, log)
       restarts += 1
-      during_startup = rng.random() < 0.2
+      during_startup = delivered % 5 == 4   # kills 5, 10, 15, 20
       if during_startup or _wait_for_training(proc, log_path, offset):
         try:
           proc.wait(timeout=rng.uniform(0.0, startup if during_startup else step_window))
