@@ -372,7 +372,7 @@ def lock(workdir, **lease_options):
   """
   held, refusal = None, None
   if jax.process_index() == 0:
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    ensure_writable(workdir)   # creates it; one sentence when it cannot be written
     held = Lease(workdir, **lease_options) if "://" in str(workdir) else FileLock(workdir)
     try:
       held.acquire()

@@ -339,3 +339,11 @@ def test_report_refuses_non_finite_radii(tmp_path):
   with pytest.raises(SystemExit) as stop:
     report.main([str(path)])
   assert stop.value.code == 2
+
+
+def test_lock_on_an_unwritable_workdir_is_one_sentence(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  with pytest.raises(ValueError, match="is not writable"):
+    with workdir_lib.lock(blocker / "workdir"):
+      pass
