@@ -1,9 +1,9 @@
 """Orbax checkpoints that resume by themselves, and preemption (SIGTERM) handling.
 
 Layout: <workdir>/checkpoints/<step>/{state, meta}. One manager keeps the
-newest checkpoint (written every `latest_every` steps, the frequent "latest"
-one) plus every checkpoint whose step is a multiple of `save_every` (kept for
-good). Orbax writes into a temporary directory and renames it when complete,
+two newest checkpoints (written every `latest_every` steps, the frequent
+"latest" ones; two, so that a damaged newest one has a fallback) plus every
+checkpoint whose step is a multiple of `save_every` (kept for good). Orbax writes into a temporary directory and renames it when complete,
 so an interrupted write is never restored. With several processes every
 process calls `save`; Orbax writes each array once, cooperatively.
 
