@@ -1,7 +1,7 @@
 """FLOP accounting: analytic matmul FLOPs of the ViT, per forward and per training run.
 
 Budgets, benchmarks and the fine-tuning metrics (`train_flops`, `total_flops`)
-all count with these two functions (docs/method.md, "Encoder (a ViT with a time token)").
+all count with these two functions (docs/method.md, "Encoder").
 """
 
 # Forward-equivalents per image per step: a forward without gradient counts 1,

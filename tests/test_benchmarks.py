@@ -72,7 +72,8 @@ def test_agreement_of_a_classifier_with_itself_is_exact(monkeypatch):
   params = model.init(jax.random.key(0), np.zeros((1, 28, 28, 1), np.float32), np.zeros((1,)))
   info = dict(model=cfg, num_classes=10, final_norm=False, num_scales=80,
               denoiser=common.denoiser_config(), step=7)
-  monkeypatch.setattr(classifier, "load_classifier", lambda *a, **k: (model, params["params"], info))
+  monkeypatch.setattr(classifier, "load_classifier",
+                      lambda *a, **k: (model, params["params"], info))
   images = np.random.default_rng(0).integers(0, 256, (3, 28, 28, 1), dtype=np.uint8)
   same = sampler.agreement("unused", images, np.arange(3), samples=12, chunk=8,
                            dtypes=("float32", "float32"))
