@@ -16,6 +16,7 @@ tf.data autotuning). Prints one table with the ratio device / tfdata and the
 load average, and writes benchmarks/results/input_device.json.
 """
 import argparse
+import gc
 import json
 import os
 import pathlib
@@ -55,7 +56,10 @@ def measure_tfdata(size, channels, batch, seconds, num_images=NUM_IMAGES):
   def step():
     b = next(it)
     return b["x"].shape[0], None
-  return _timed(step, seconds, warmup_seconds=max(2.0, seconds / 3))
+  rate = _timed(step, seconds, warmup_seconds=max(2.0, seconds / 3))
+  del it, step            # stops tf.data's background prefetching before the next measurement
+  gc.collect()
+  return rate
 
 
 def measure_device(size, channels, batch, seconds, num_images=NUM_IMAGES):
