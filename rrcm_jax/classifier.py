@@ -17,6 +17,7 @@ import functools
 import os
 
 import jax
+from etils import epath
 
 from rrcm_jax import checkpoints, denoiser, flops, models, parallel, schedules
 
@@ -158,6 +159,8 @@ def initial_params(config, abstract_params):
   """
   if config.init_from is None:
     return None, dict(num_scales=config.num_scales or DEFAULT_NUM_SCALES, pretrain_flops=0.0)
+  if str(config.init_from).endswith(".pth"):
+    return torch_encoder(config, abstract_params)
   workdir, _ = checkpoints.resolve_checkpoint(config.init_from)
   saved = checkpoints.read_config(workdir)
   if "task" in saved:   # a fine-tuning run
@@ -172,6 +175,31 @@ def initial_params(config, abstract_params):
     raise ValueError(f"config.num_scales={config.num_scales} differs from N={info['num_scales']} "
                      f"of config.init_from={config.init_from}; leave it unset.")
   return overrides, info
+
+
+# The authors' networks in a pre-training .pth: config.init_weights -> its key.
+TORCH_NETWORKS = {"ema": "nnet_ema", "online": "nnet", "target": "target_model"}
+
+
+def torch_encoder(config, abstract_params):
+  """({"vit": params}, info) from the authors' pre-training checkpoint config.init_from
+  (a .pth holding nnet / nnet_ema / target_model, or one bare encoder state dict): the
+  network config.init_weights names, N = config.num_scales or 81 (their grid)."""
+  from rrcm_jax import torch_import  # pylint: disable=g-import-not-at-top  (PyTorch only here)
+  path = epath.Path(config.init_from)
+  if not path.is_file():
+    raise ValueError(f"config.init_from={config.init_from} is not a file.")
+  try:
+    state_dict = torch_import.load_torch_checkpoint(
+        path, TORCH_NETWORKS[config.init_weights], trusted=config.get("torch_trusted", False))
+  except ImportError as e:
+    raise ValueError(str(e)) from None
+  encoder = models.rcm_encoder(config.model)
+  variables = torch_import.load_variables(state_dict, encoder, models.sample_inputs(config.model),
+                                          kind="encoder")
+  vit = jax.tree.map(lambda a, s: jax.device_put(a, s.sharding), variables["params"]["vit"],
+                     abstract_params["vit"])
+  return {"vit": vit}, dict(num_scales=config.num_scales or TORCH_NUM_SCALES, pretrain_flops=0.0)
 
 
 # ----------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import re
 
 import jax
 import numpy as np
+from etils import epath
 
 KINDS = ("encoder", "classifier")
 _PREFIXES = ("module.", "base_model.")
@@ -287,7 +288,8 @@ def load_torch_checkpoint(path, which=None, trusted=False):
   except ImportError as e:
     raise ImportError("Reading a .pth checkpoint needs torch: run `pip install -e .[torch]`.") from e
   try:
-    obj = torch.load(path, map_location="cpu", weights_only=not trusted)
+    with epath.Path(path).open("rb") as f:   # local or gs://
+      obj = torch.load(f, map_location="cpu", weights_only=not trusted)
   except Exception as e:   # torch raises UnpicklingError and friends
     if trusted:
       raise
