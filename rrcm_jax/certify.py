@@ -128,13 +128,20 @@ def logged_indices(path, mode):
 
 
 def select_images(config):
-  """[(index in the split, uint8 image [S, S, C], label)]: the config's subset."""
-  from rrcm_jax.data import pipelines  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  """[(canonical index, uint8 image [S, S, C], label)]: the config's subset, chosen and
+  indexed in the original files' order (torchvision's and Cohen et al.'s): the IDX or
+  CIFAR python files when `data.arrays` names them or the Debian Fashion-MNIST package is
+  installed (`data.arrays.source_of`), CIFAR's TFDS `id` feature, class folders sorted."""
+  from rrcm_jax.data import arrays  # pylint: disable=g-import-not-at-top
+  kind = None if config.data.name in ("synthetic", "folder") else arrays.source_of(config.data)[0]
+  if kind not in (None, "tfds"):
+    subset = arrays.certification_subset
+  else:
+    from rrcm_jax.data import pipelines  # pylint: disable=g-import-not-at-top  (TensorFlow)
+    subset = pipelines.certification_subset
   if config.subset == "first":
-    return pipelines.certification_subset(config.data, split=config.data.eval_split,
-                                          first=config.num_images)
-  return pipelines.certification_subset(config.data, split=config.data.eval_split,
-                                        every=config.every)[:config.num_images]
+    return subset(config.data, split=config.data.eval_split, first=config.num_images)
+  return subset(config.data, split=config.data.eval_split, every=config.every)[:config.num_images]
 
 
 # ----------------------------------------------------------------------------

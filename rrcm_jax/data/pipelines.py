@@ -15,6 +15,7 @@ equal batches k, k+1, ... of an uninterrupted run, whatever the parallelism.
 import collections
 import itertools
 import math
+import re
 
 import jax
 import numpy as np
@@ -98,13 +99,46 @@ def eval_batches(data_cfg, *, split, global_batch_size, process_index=None, proc
   return ds.with_options(_options()).as_numpy_iterator()
 
 
-def certification_subset(data_cfg, *, split, every=None, first=None):
-  """[(index, image uint8 [S, S, C], label int)] of the examples to certify, in split order.
+_CANONICAL_ID = re.compile(r"^(?:[a-z]+_?)?(\d+)$")   # CIFAR's "test_00042" -> 42
 
-  every=k: positions 0, k, 2k, ... of the split (Cohen et al.: k = 20 on the
-  CIFAR-10 test set, 100 on ImageNet val); first=n: the first n (the rRCM
-  authors' choice). Exactly one of the two. Reads the whole split on every
-  process (the certify CLI assigns images to processes).
+
+def canonical_indices(data_cfg, split):
+  """int64 [N] or None: the original files' index of each example of the named `split`, in
+  TFDS's (shuffled) order, from the dataset's `id` feature ("test_00042" -> 42: CIFAR-10/100,
+  whose TFDS builder numbers the examples in the order of the python batches, the order of
+  torchvision and Cohen et al.). None when the dataset has no such ids (its TFDS order is
+  then the only one known) or is not TFDS."""
+  if data_cfg.name in ("synthetic", "folder") or split not in sources.split_names(split):
+    return None
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder = sources._tfds_builder(data_cfg.name, data_cfg.get("data_dir", None))  # pylint: disable=protected-access
+  if "id" not in builder.info.features:
+    return None
+  image_key = (builder.info.supervised_keys or ("image", "label"))[0]
+  ds = builder.as_dataset(split=split, shuffle_files=False,
+                          decoders={image_key: tfds.decode.SkipDecoding()})
+  ids = [bytes(i).decode() for i in ds.map(lambda ex: ex["id"]).as_numpy_iterator()]
+  matches = [_CANONICAL_ID.match(i) for i in ids]
+  if not ids or not all(matches):
+    return None
+  index = np.array([int(m.group(1)) for m in matches], np.int64)
+  if len(set(index.tolist())) != len(index):
+    raise ValueError(f"the `id` features of {data_cfg.name}'s {split!r} split do not number its "
+                     "examples uniquely; they cannot give the original order.")
+  return index
+
+
+def certification_subset(data_cfg, *, split, every=None, first=None):
+  """[(index, image uint8 [S, S, C], label int)] of the examples to certify, by index.
+
+  The index is the example's canonical index: its position in the original
+  files (`canonical_indices`: CIFAR's python batches through TFDS's `id`),
+  else its position in the split as read (class folders are sorted like
+  torchvision's ImageFolder; other TFDS datasets: TFDS's order). every=k:
+  canonical positions 0, k, 2k, ... (Cohen et al.: k = 20 on the CIFAR-10
+  test set, 100 on ImageNet val); first=n: the first n (the rRCM authors'
+  choice). Exactly one of the two. Reads the whole split on every process
+  (the certify CLI assigns images to processes).
   """
   if (every is None) == (first is None):
     raise ValueError(f"certification_subset needs exactly one of every=k or first=n "
@@ -112,19 +146,22 @@ def certification_subset(data_cfg, *, split, every=None, first=None):
   if (every if first is None else first) < 1:
     raise ValueError(f"every/first must be a positive integer (got every={every!r}, first={first!r}).")
   src = sources.source(data_cfg, split, process_index=0, process_count=1)
-  records = src.records
-  if every is not None:
-    records = records.enumerate().filter(lambda pos, _: pos % every == 0).map(lambda _, rec: rec)
-  else:
-    records = records.take(first)
+  canonical = canonical_indices(data_cfg, split)
+  if canonical is None:
+    canonical = np.arange(src.num_examples, dtype=np.int64)
+  order = np.argsort(canonical, kind="stable")        # read positions in canonical order
+  picks = order[::every] if every is not None else order[:first]
+  wanted = tf.constant(np.isin(np.arange(len(canonical)), picks))
+  records = src.records.enumerate().filter(lambda pos, _: tf.gather(wanted, pos))
   size = data_cfg.image_size
 
-  def prepare(record):
+  def prepare(pos, record):
     ex = src.decode(record)
-    return record["index"], augment_lib.eval_view(ex["image"], size), ex["label"]
+    return tf.gather(canonical, pos), augment_lib.eval_view(ex["image"], size), ex["label"]
 
   ds = records.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return [(int(i), image, int(label)) for i, image, label in ds.as_numpy_iterator()]
+  chosen = [(int(i), image, int(label)) for i, image, label in ds.as_numpy_iterator()]
+  return sorted(chosen, key=lambda item: item[0])
 
 
 def prefetch_to_device(iterator, sharding, size=2):
