@@ -81,10 +81,10 @@ def reference_run(cmd, log_path):
   return wall, first_step or wall
 
 
-def _wait_for_training(proc, log_path, offset):
-  """Waits until the run logs a training step after byte `offset` of its log; False if it
-  ended first."""
-  while proc.poll() is None:
+def _wait_for_training(proc, log_path, offset, deadline=float("inf")):
+  """Waits until the run logs a training step after byte `offset` of its log (True), or
+  until `deadline` (time.time()) or its end (False)."""
+  while proc.poll() is None and time.time() < deadline:
     with open(log_path, "rb") as f:
       f.seek(offset)
       if PROGRESS.search(f.read()):
@@ -104,9 +104,11 @@ def soak(cmd, kills, startup, step_window, log_path, rng):
       proc = start(cmd, log)
       restarts += 1
       during_startup = delivered % 5 == 4   # kills 5, 10, 15, 20
+      if during_startup:   # at the drawn moment, or at the first step if that comes sooner
+        _wait_for_training(proc, log_path, offset, time.time() + rng.uniform(0.0, startup))
       if during_startup or _wait_for_training(proc, log_path, offset):
         try:
-          proc.wait(timeout=rng.uniform(0.0, startup if during_startup else step_window))
+          proc.wait(timeout=0.0 if during_startup else rng.uniform(0.0, step_window))
         except subprocess.TimeoutExpired:
           proc.send_signal(signal.SIGKILL)
           proc.wait()
