@@ -88,6 +88,16 @@ def data_config(name="fashion_mnist", image_size=28, channels=1, num_classes=10)
       # pre-training: (min, max) area fraction of the two augmented views' random resized
       # crops, the augmentation strength (docs/method.md: RandomResizedCrop's default (0.08, 1.0))
       pretrain_crop_scale=(0.08, 1.0),
+      # Input path: "device" (rrcm_jax.data.device: the whole dataset on the accelerators,
+      # batches and augmentations built there; no TensorFlow) or "tfdata" (tf.data). None:
+      # "device" for the in-memory datasets fashion_mnist, mnist, cifar10 (<= 2 GB,
+      # rrcm_jax.data.device.DEVICE_DATASETS) and whenever `arrays` is set, else "tfdata"
+      # (ImageNet, class folders, synthetic, and fine-tuning with augment="autoaug").
+      pipeline=ml_collections.FieldReference(None, field_type=str),
+      # pipeline="device": an IDX folder, a cifar-10-batches-py / cifar-100-python folder or
+      # an .npz (x_<split>, y_<split>); None: the dataset's standard place (Fashion-MNIST:
+      # /usr/share/datasets/fashion-mnist, else TFDS).
+      arrays=ml_collections.FieldReference(None, field_type=str),
   ))
 
 
@@ -153,9 +163,17 @@ def pretrain_config(total_steps, batch_size, lr, weight_decay, warmup_divisor,
       fsdp=False,             # shard parameters and optimizer state over "data" too
       fsdp_min_size=2 ** 14,  # arrays smaller than this stay replicated
   ))
+  # k-NN representation monitor (rrcm_jax/evaluators/knn_monitor.py): every knn_every steps
+  # (0: off) the online and EMA encoders' weighted k-NN accuracy, clean and at model-space
+  # noise `levels`, bank = bank_split's clean features, queries = query_split.
+  config.knn_every = 0
+  config.knn = ml_collections.ConfigDict(dict(
+      bank_split="train[:10000]", query_split="test[:2000]", levels=(0.0, 0.5, 1.0),
+      k=20, temperature=0.07, batch_size=500, feature="feature"))
   config.log_every = 50
   config.save_every = 10_000              # kept checkpoints
   config.latest_every = 1_000             # the frequent "latest" checkpoint (only the newest kept)
+  config.estimate = False                 # True: time a few steps, print the run's cost, write nothing
   return config
 
 
@@ -226,7 +244,9 @@ def finetune_config(base, *, sigma, epochs, warmup_epochs, batch_size, lr, layer
   config.task = "consistency"           # "consistency", "finetune" (Gaussian noise) or "linear"
   config.sigma = sigma                  # certification noise, pixel space; training adds 2σ
   config.init_from = FieldReference(None, field_type=str)   # pre-training (or linear-probe) workdir
-  config.init_weights = "ema"           # "ema" (default; the reference leaves it open), "online", "target"
+  # "ema" (default; the reference leaves it open), "online", "target", or "ema_debiased" (the
+  # EMA bias-corrected for its initialization: README, "Fine-tuning choices")
+  config.init_weights = "ema"
   config.num_scales = FieldReference(None, field_type=int)  # N; None: the checkpoint's (81 from scratch)
   config.train_head = False             # consistency task: the reference leaves the head out
   config.final_norm = False             # final LayerNorm before the head (ImageNet: on)
@@ -273,6 +293,10 @@ def certify_config(base, *, sigma, every, num_images, chunk_size=1000, final_nor
   """
   config = ml_collections.ConfigDict()
   config.seed = 0                       # noise of sample j of image i: key(seed) with i, stream, j
+  # "rrcm": the classifier below sees x + σε; "dds": diffusion denoised smoothing, the
+  # denoiser and classifier of config.dds (docs/method.md, "Diffusion denoised smoothing").
+  config.method = "rrcm"
+  config.dds = dds_section()
   # The classifier: a fine-tuning workdir, or the authors' PyTorch checkpoint.
   config.init_from = FieldReference(None, field_type=str)        # fine-tuning workdir
   config.checkpoint = "last"            # "last", or "best_clean", "best_noisy_0.5", ...
@@ -289,6 +313,7 @@ def certify_config(base, *, sigma, every, num_images, chunk_size=1000, final_nor
   config.n = 100_000                    # estimation samples (PREDICT: all its samples)
   config.alpha = 0.001
   config.chunk_size = chunk_size        # noisy samples per call (rounded up to the local devices)
+  config.estimate = False               # True: time a few chunks, print the run's cost, write nothing
   # Which test images: every k-th (Cohen et al.) or the first num_images (the rRCM code).
   config.subset = "every"               # "every" or "first"
   config.every = every
@@ -312,6 +337,7 @@ def demo_pretrain_config():
   config.log_every = 50
   config.latest_every = 200
   config.save_every = 1000
+  config.knn_every = 250   # k-NN monitor (README, "Pre-training"): about 1-2 % of the run
   return config
 
 
@@ -328,4 +354,54 @@ def demo_finetune_config(sigma):
   config.optim.per_epoch_lr = False
   config.train_head = True
   config.eval_batch_size = 1000
+  return config
+
+
+# ----------------------------------------------------------------------------
+# Diffusion denoised smoothing (Carlini et al. 2023): the denoiser's training
+# and the two models a DDS certification names.
+# ----------------------------------------------------------------------------
+def dds_section(denoiser_preset=None, classifier=None):
+  """config.dds of a certification config (read when config.method is "dds")."""
+  return ml_collections.ConfigDict(dict(
+      # a `python -m rrcm_jax.diffusion` workdir (its EMA weights), or a public .pt
+      denoiser=FieldReference(None, field_type=str),
+      # for a .pt: its U-Net and schedule, a name of rrcm_jax.diffusion.dds.DDS_PRESETS
+      denoiser_preset=FieldReference(denoiser_preset, field_type=str),
+      # an rrcm-jax fine-tuning workdir (called at the clean grid point; config.checkpoint
+      # picks last or best_*) or a name of rrcm_jax.pretrained_classifiers.CLASSIFIERS
+      classifier=FieldReference(classifier, field_type=str),
+      # for a pretrained name: its weights (.safetensors / .bin / .pth)
+      classifier_checkpoint=FieldReference(None, field_type=str),
+  ))
+
+
+def diffusion_config(data, unet, schedule, *, total_steps, batch_size, lr, warmup_steps,
+                     ema_rate):
+  """Everything `python -m rrcm_jax.diffusion` reads: ε-prediction DDPM training.
+
+  `unet`: the U-Net's constructor arguments (`diffusion.unet.UNET_PRESETS`);
+  `schedule`: noise_schedule, num_steps, rescale_timesteps (`dds.DDS_PRESETS`).
+  """
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.total_steps = FieldReference(total_steps)
+  config.batch_size = batch_size          # global
+  config.augment = "weak"                 # horizontal flips ("none", "weak", "strong")
+  config.optim = ml_collections.ConfigDict(dict(
+      lr=lr, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0,
+      warmup_steps=warmup_steps,
+      decay="constant",                   # after warm-up: "constant" or "cosine" (to 0)
+  ))
+  config.ema_rate = ema_rate              # the EMA weights that denoising uses
+  config.diffusion = ml_collections.ConfigDict(dict(
+      noise_schedule=schedule["noise_schedule"], num_steps=schedule["num_steps"],
+      rescale_timesteps=schedule["rescale_timesteps"]))
+  config.unet = ml_collections.ConfigDict(dict(unet, dtype="float32"))
+  config.data = data.copy_and_resolve_references()
+  config.data.pipeline = "device"         # "device" (in-memory, on-device batches) or "tfdata"
+  config.mesh = ml_collections.ConfigDict(dict(fsdp=False))
+  config.log_every = 50
+  config.save_every = 10_000
+  config.latest_every = 250
   return config

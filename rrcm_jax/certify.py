@@ -94,6 +94,7 @@ def run_settings(config, classifier):
     settings["n0"] = config.n0
   if config.subset == "every":
     settings["every"] = config.every
+  settings["order"] = "files"   # images chosen and indexed in the original files' order
   return dict(settings, classifier=classifier)
 
 
@@ -220,6 +221,54 @@ def write_report(config, path, classifier):
   return text
 
 
+ESTIMATE_CHUNKS = 3   # chunks timed per stream after the compiling call
+
+
+def _time_counts(sampler, params, image, num):
+  """Seconds of `sampler.dispatch_counts` for `num` samples of one image, compiled first."""
+  sampler.dispatch_counts(params, image[None], [0], smoothing.ESTIMATION_STREAM,
+                          num).block_until_ready()
+  start = time.perf_counter()
+  sampler.dispatch_counts(params, image[None], [0], smoothing.ESTIMATION_STREAM,
+                          num).block_until_ready()
+  return time.perf_counter() - start
+
+
+def estimate_cost(config, images=None):
+  """Compiles, times a few chunks on the local devices and prints what the whole run
+  costs (wall time, noisy samples/s for images x (n0 + n)); writes nothing.
+
+  Returns dict(images, samples, samples_s, seconds): samples over all processes,
+  samples_s of one process, seconds the expected wall time (processes in parallel).
+  """
+  validate_config(config)
+  mesh, chunk_size = _local_mesh_and_chunk(config)
+  logits_fn, params, record = classifier.load_smoothing_classifier(config, mesh)
+  images = select_images(config) if images is None else images
+  if not images:
+    raise ValueError(f"config selects no images of {config.data.eval_split}; nothing to estimate.")
+  sampler = smoothing.Sampler(logits_fn, _num_classes(params), config.sigma,
+                              chunk_size=chunk_size, mesh=mesh, seed=config.seed)
+  image = images[0][1]
+  timed = chunk_size * ESTIMATE_CHUNKS
+  rate = timed / _time_counts(sampler, params, image, timed)
+  per_image = config.n / rate
+  n0 = config.n0 if config.mode == "certify" else 0
+  if n0:   # the selection samples run in their own (smaller) chunk size
+    per_image += _time_counts(sampler, params, image, n0)
+  per_process = -(-len(images) // jax.process_count())
+  seconds = per_process * per_image
+  samples = len(images) * (config.n + n0)
+  if jax.process_index() == 0:
+    print(f"estimate: {config.mode} of {len(images)} images x (n0 {n0} + n {config.n}) = "
+          f"{samples:,} noisy samples of {record['source']} ({record['dtype']}) at "
+          f"{rate:,.0f} samples/s per process ({jax.local_device_count()} local device(s), "
+          f"chunk {chunk_size}, {jax.process_count()} process(es)): about "
+          f"{workdir_lib.format_duration(seconds)} of wall time, compilation excluded; "
+          "nothing was written.", flush=True)
+  return dict(images=len(images), samples=samples, samples_s=rate, seconds=seconds)
+
+
 def run(config, workdir, images=None):
   """Certifies (or resumes) the config's images into `log_path(config, workdir)`.
 
@@ -231,6 +280,8 @@ def run(config, workdir, images=None):
     dict(log=path, certified=images certified by this process in this call,
     skipped=images of this process already logged, report=table (process 0) or None).
   """
+  if config.get("estimate", False):
+    return dict(estimate=estimate_cost(config, images))
   validate_config(config)
   path = log_path(config, workdir)
   done = logged_indices(path, config.mode)
