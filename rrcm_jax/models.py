@@ -46,7 +46,7 @@ def _patch_init(init, patch_size, width):
 
 
 def timestep_embedding(t, dim, max_period=10000.0):
-  """Sinusoidal embedding of τ, [B] -> [B, dim], cosines first (SPEC)."""
+  """Sinusoidal embedding of τ, [B] -> [B, dim], cosines first (docs/method.md, Encoder)."""
   half = dim // 2
   freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
   args = t.astype(jnp.float32)[:, None] * freqs[None]
