@@ -26,7 +26,7 @@ def read(path):
   return data
 
 
-def test_cifar_forward_flops_are_the_published_count():
+def test_cifar_forward_flops_equal_a_hand_count():
   """Width 192, depth 6, 66 tokens, patch 4: 185.8 M multiply-adds with attention."""
   cfg = sampler.model_config("cifar")
   d, tokens = 192, 66
