@@ -19,11 +19,14 @@ import os
 import jax
 from etils import epath
 
-from rrcm_jax import checkpoints, denoiser, flops, models, parallel, schedules
+from rrcm_jax import checkpoints, denoiser, flops, models, parallel, pretrain_step, schedules
 
 # Which copy of the pre-trained encoder becomes the classifier's trunk. The
 # reference leaves it open; we default to the EMA model (config.init_weights).
 WEIGHTS = {"ema": "ema_params", "online": "params", "target": "target_params"}
+# config.init_weights: a stored copy, or "ema_debiased", the EMA model without the weight it
+# still puts on the initialization (`pretrain_step.debiased_ema`).
+INIT_WEIGHTS = tuple(WEIGHTS) + ("ema_debiased",)
 # Model keys that fix the parameter shapes: these must match a checkpoint.
 ARCHITECTURE_KEYS = ("image_size", "channels", "patch_size", "width", "depth", "num_heads",
                      "mlp_ratio", "time_mlp")
@@ -92,7 +95,8 @@ def load_pretrained_encoder(config, abstract_params):
   """The pre-trained RCMEncoder's "vit" parameters for the classifier of `config`.
 
   config.init_from: a pre-training workdir, its checkpoints/ or checkpoints/<step>;
-  config.init_weights: "ema" (the fixed-rate EMA model), "online" or "target".
+  config.init_weights: "ema" (the fixed-rate EMA model), "online", "target" or
+    "ema_debiased" (the EMA model bias-corrected for its initialization, `debiased_encoder`).
   abstract_params: the classifier's abstract parameters (with shardings).
 
   Returns:
@@ -106,15 +110,26 @@ def load_pretrained_encoder(config, abstract_params):
     raise ValueError(f"{source} is not a pre-training workdir (its config.json has no "
                      "scales/model sections).")
   check_architecture(pre.model, config.model, source)
-  field = WEIGHTS[config.init_weights]
+  field = WEIGHTS[config.init_weights.replace("_debiased", "")]
   state, meta = checkpoints.restore_subtrees(
       workdir, "checkpoints", {field: {"vit": abstract_params["vit"]}}, step, source)
   step = int(meta["step"])
+  if config.init_weights == "ema_debiased":
+    state[field]["vit"] = debiased_encoder(pre, state[field]["vit"], step)
   num_scales = schedules.num_scales(step, int(pre.scales.total_steps), int(pre.scales.start),
                                     int(pre.scales.end))
   pre_flops = flops.training_flops("pretrain", pre.model, step * int(pre.batch_size))
   return state[field]["vit"], dict(num_scales=num_scales, pretrain_step=step,
                                    pretrain_flops=float(pre_flops))
+
+
+def debiased_encoder(pretrain_config, ema_vit, step):
+  """The bias-corrected EMA encoder (`pretrain_step.debiased_ema`) of a pre-training run at
+  `step`: θ₀ recomputed from its config's seed and model, exactly as its state started."""
+  mesh = jax.tree.leaves(ema_vit)[0].sharding.mesh
+  init_vit = pretrain_step.initial_params(pretrain_config, mesh)["vit"]
+  init_vit = jax.tree.map(lambda a, e: jax.device_put(a, e.sharding), init_vit, ema_vit)
+  return pretrain_step.debiased_ema(ema_vit, init_vit, float(pretrain_config.ema_rate), step)
 
 
 def load_classifier(finetune_workdir, which="last", mesh=None):

@@ -24,6 +24,7 @@ from etils import epath
 
 from rrcm_jax import checkpoints, classifier, finetune_step, flops, loop, models, optim, parallel
 from rrcm_jax import workdir as workdir_lib
+from rrcm_jax.data import device
 from rrcm_jax.evaluators import accuracy
 
 
@@ -154,8 +155,9 @@ def train(config, workdir, data=None, mesh=None, stop_after=None):
 
   Args:
     data: optional object with num_train(), train(start_step) -> iterator of
-      per-process {image uint8, label} and evaluate(split) -> finite iterator of
-      {image, label, mask, index}; default `PipelineData(config)`.
+      per-process numpy or global jax.Array batches {image uint8, label} and
+      evaluate(split) -> finite iterator of {image, label, mask, index}; default
+      by config.data.pipeline: `device.ConfigData` ("device") or `PipelineData` ("tfdata").
     stop_after: stop (with a checkpoint) after this many steps of this call.
 
   Raises:
@@ -163,8 +165,10 @@ def train(config, workdir, data=None, mesh=None, stop_after=None):
   """
   # Config and mesh.
   mesh = mesh or parallel.make_mesh()
+  config = device.resolve_pipeline(config)
   finetune_step.validate_config(config, mesh)
-  data = data or PipelineData(config)
+  if data is None:
+    data = device.ConfigData(config, mesh) if config.data.pipeline == "device" else PipelineData(config)
   task = finetune_step.TASKS[config.task](config)
   model = classifier.build_classifier(config)
   steps_per_epoch = _steps_per_epoch(config, data)
@@ -199,6 +203,13 @@ def train(config, workdir, data=None, mesh=None, stop_after=None):
   return state
 
 
+def _global(batch, mesh):
+  """A global batch: jax.Arrays (the device pipeline's) as they are, numpy made global."""
+  if all(isinstance(v, jax.Array) for v in batch.values()):
+    return batch
+  return parallel.global_batch(batch, mesh)
+
+
 def _loop(config, state, step_fn, data, mesh, ckpt, writer, evals, task, total, stop_after):
   """`loop.run` with fine-tuning's rows (epoch, FLOPs), progress (accuracy) and meta."""
   start, meta, steps_per_epoch = int(state.step), evals.meta, config.steps_per_epoch
@@ -218,7 +229,7 @@ def _loop(config, state, step_fn, data, mesh, ckpt, writer, evals, task, total, 
     return meta
 
   return loop.run(
-      state, step_fn, (parallel.global_batch(b, mesh) for b in data.train(start)),
+      state, step_fn, (_global(b, mesh) for b in data.train(start)),
       key=jax.random.key(config.seed), checkpointer=ckpt, writer=writer, total_steps=total,
       batch_size=config.batch_size, log_every=config.log_every, stop_after=stop_after,
       steps_per_epoch=steps_per_epoch, on_epoch=evals.on_epoch, row_fn=row,

@@ -90,9 +90,12 @@ def validate_config(config, mesh):
   if not config.sigma > 0:
     raise ValueError(f"config.sigma={config.sigma} must be > 0 (the pixel-space noise std; "
                      "training adds 2*sigma in model space).")
-  if config.init_weights not in classifier.WEIGHTS:
-    raise ValueError(f"config.init_weights must be one of {sorted(classifier.WEIGHTS)}, got "
+  if config.init_weights not in classifier.INIT_WEIGHTS:
+    raise ValueError(f"config.init_weights must be one of {sorted(classifier.INIT_WEIGHTS)}, got "
                      f"{config.init_weights!r}.")
+  if config.init_weights == "ema_debiased" and str(config.init_from).endswith(".pth"):
+    raise ValueError("config.init_weights='ema_debiased' needs a pre-training workdir in "
+                     "config.init_from (its seed gives θ₀), not a .pth; use 'ema'.")
   for k in ("image_size", "channels"):
     if config.data[k] != config.model[k]:
       raise ValueError(f"config.data.{k}={config.data[k]} must equal config.model.{k}="

@@ -42,7 +42,7 @@ def default_progress(row):
 
 def run(state, step_fn, batches, *, key, checkpointer, writer, total_steps, batch_size,
         log_every, stop_after=None, steps_per_epoch=None, on_epoch=None, row_fn=None,
-        progress_fn=default_progress, meta_fn=None):
+        progress_fn=default_progress, meta_fn=None, monitor=None):
   """Steps `state` from state.step to `total_steps` (or `stop_after` steps of this call).
 
   Args:
@@ -61,6 +61,8 @@ def run(state, step_fn, batches, *, key, checkpointer, writer, total_steps, batc
     row_fn: done -> extra metrics for a logged row (epoch, FLOPs).
     progress_fn: row -> the progress line's fields.
     meta_fn: done -> the checkpoint's JSON meta (called before on_epoch).
+    monitor: optional (every, fn): fn(state, done) -> {name: scalar}, written as its own
+      row every `every` steps (the k-NN monitor); its time is not counted in images/s.
 
   Returns:
     The final state.
@@ -94,6 +96,10 @@ def run(state, step_fn, batches, *, key, checkpointer, writer, total_steps, batc
         if epoch_end and on_epoch:
           on_epoch(state, done // steps_per_epoch)
         checkpointer.save(done, state, meta=meta, force=epoch_end or stop)
+      if monitor and done % monitor[0] == 0:
+        monitor_start = time.time()
+        writer.write(done, monitor[1](state, done))
+        window_start += time.time() - monitor_start
       if stop:
         if done < last:
           if jax.process_index() == 0:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rrcm_jax import denoiser, losses, models, parallel, schedules, train_state
+from rrcm_jax import denoiser, losses, models, optim, parallel, schedules, train_state
 
 
 def validate_config(config, mesh):
@@ -49,12 +49,40 @@ def validate_config(config, mesh):
   parallel.check_batch_size(config.batch_size, mesh)
 
 
+def initial_variables(config, model):
+  """The encoder's initial {"params", "batch_stats"} of a pre-training run: a function of
+  config.seed and config.model only (`create_state` starts from these, jitted)."""
+  return model.init(jax.random.key(config.seed), *models.sample_inputs(config.model), train=True)
+
+
+def initial_params(config, mesh):
+  """θ₀: the parameters a pre-training run of `config` starts from, bit for bit (the
+  state `create_state` builds on `mesh`; the init is jitted there, and eager or
+  differently compiled inits differ in the last bit)."""
+  model = models.rcm_encoder(config.model)
+  state, _ = create_state(config, model, optim.pretrain_optimizer(config), mesh)
+  return state.params
+
+
+def debiased_ema(ema, initial, rate, steps):
+  """(θ_ema − r^T·θ₀) / (1 − r^T): the EMA without the weight r^T it still puts on the
+  initialization θ₀ after T steps at rate r (as Adam corrects moments started at 0).
+
+  Since θ_ema,T = r^T·θ₀ + (1 − r)·Σ_{t=1..T} r^(T−t)·θ_t, this is the average of
+  θ_1..θ_T with weights that sum to 1. Trees of equal structure; T >= 1.
+  """
+  if steps < 1 or not 0 < rate < 1:
+    raise ValueError(f"the debiased EMA needs at least one step and a rate in (0, 1); got "
+                     f"{steps} steps at rate {rate}.")
+  decay = float(rate) ** int(steps)
+  return jax.tree.map(lambda e, p: (e - decay * p) / (1 - decay), ema, initial)
+
+
 def create_state(config, model, tx, mesh):
   """Initializes the state (online, target and EMA copies equal) directly into its
   shardings. Returns (state, shardings)."""
   def init():
-    variables = model.init(jax.random.key(config.seed), *models.sample_inputs(config.model),
-                           train=True)
+    variables = initial_variables(config, model)
     return train_state.TrainState.create(variables["params"], tx, variables["batch_stats"],
                                          with_target=True, with_ema=True)
 

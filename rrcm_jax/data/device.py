@@ -34,6 +34,32 @@ from rrcm_jax.data import arrays as arrays_lib
 from rrcm_jax.data import device_augment as aug
 
 _SHUFFLE_STREAM, _AUGMENT_STREAM = 1, 2
+PIPELINES = ("device", "tfdata")
+# Datasets small enough (<= 2 GB of uint8) to live on the devices: data.pipeline=None -> "device".
+DEVICE_DATASETS = ("fashion_mnist", "mnist", "cifar10")
+
+
+def resolve_pipeline(config):
+  """The config with data.pipeline filled in ("device" or "tfdata"); a copy if it changes.
+
+  None chooses "device" for DEVICE_DATASETS and whenever data.arrays is set, unless the
+  fine-tuning augmentation is "autoaug" (tf.data only); else "tfdata".
+  """
+  data, augment = config.data, config.get("augment", "none")
+  pipeline = data.get("pipeline", None)
+  if pipeline is None:
+    in_memory = data.name in DEVICE_DATASETS or data.get("arrays", None) is not None
+    pipeline = "device" if in_memory and augment in aug.DEVICE_FINETUNE_AUGMENTS else "tfdata"
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.data.pipeline = pipeline
+  if pipeline not in PIPELINES:
+    raise ValueError(f"config.data.pipeline={pipeline!r} is not one of {PIPELINES} (or None: "
+                     "chosen by the dataset).")
+  if pipeline == "device" and augment not in aug.DEVICE_FINETUNE_AUGMENTS:
+    raise ValueError(f"config.augment={augment!r} needs config.data.pipeline='tfdata'; the device "
+                     f"pipeline has {aug.DEVICE_FINETUNE_AUGMENTS}.")
+  return config
 
 
 def _put(array, sharding):

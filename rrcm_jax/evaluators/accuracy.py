@@ -45,7 +45,8 @@ def make_eval_step(predict_fn, levels, mesh, param_shardings, seed=0):
     for i, s in enumerate(levels):
       noisy = x
       if s > 0:
-        noisy = x + s * per_example_noise(jax.random.fold_in(key, i), batch["index"], x.shape[1:])
+        index = jnp.maximum(batch["index"], 0)   # padding: -1
+        noisy = x + s * per_example_noise(jax.random.fold_in(key, i), index, x.shape[1:])
       logits = predict_fn(params, noisy, s)
       out[metric_name(s)] = jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * valid)
     return out
@@ -54,13 +55,26 @@ def make_eval_step(predict_fn, levels, mesh, param_shardings, seed=0):
                  out_shardings=parallel.replicated(mesh))
 
 
+def _global_batch(batch, mesh):
+  """An eval batch as one global array per key: jax.Arrays (the device pipeline's global
+  batches) as they are, per-process numpy through `parallel.global_batch`; index -1
+  (padding) becomes 0, a valid key for its masked-out noise."""
+  if all(isinstance(v, jax.Array) for v in batch.values()):
+    return batch   # the step clamps the index itself
+  local = dict(image=np.asarray(batch["image"]), mask=np.asarray(batch["mask"]),
+               label=np.asarray(batch["label"], np.int32),
+               index=np.maximum(np.asarray(batch["index"]), 0).astype(np.int32))
+  return parallel.global_batch(local, mesh)
+
+
 class Evaluator:
   """Accuracy at each model-space level in `levels` over `batches()`.
 
   Args:
     predict_fn: (params, x_noisy model space [B, H, W, C], s) -> logits [B, K].
-    batches: () -> finite iterator of per-process eval batches {image uint8,
-      label, mask, index (-1 on padding)}.
+    batches: () -> finite iterator of eval batches {image uint8, label, mask, index
+      (-1 on padding)}: per-process numpy, or global jax.Arrays sharded on "data"
+      (`device.DeviceData.eval_batches`), passed as they are.
     levels: model-space noise levels s (0 = clean).
     mesh, param_shardings: where the batches and the parameters live.
     seed: the noise key.
@@ -80,11 +94,8 @@ class Evaluator:
   def run(self, params):
     """Yields (metric_name(s), fraction correct) for each level, in `levels` order."""
     totals = None
-    for local in self.batches():
-      local = dict(image=np.asarray(local["image"]), mask=np.asarray(local["mask"]),
-                   label=np.asarray(local["label"], np.int32),
-                   index=np.maximum(np.asarray(local["index"]), 0).astype(np.int32))  # pad: -1
-      out = self.step(params, parallel.global_batch(local, self.mesh))
+    for batch in self.batches():
+      out = self.step(params, _global_batch(batch, self.mesh))
       totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     if totals is None:
       raise ValueError("the evaluation split is empty.")
