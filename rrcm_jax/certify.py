@@ -118,7 +118,7 @@ def logged_indices(path, mode):
   """Image indices already in the log or in any per-process part of it (all must be Cohen logs)."""
   done = set()
   for source in [path] + certlog.part_paths(path):
-    if not os.path.exists(source) or os.path.getsize(source) == 0:
+    if not epath.Path(source).exists() or epath.Path(source).stat().length == 0:
       continue
     log = certlog.read_log(source)
     if log["mode"] != mode:
@@ -152,15 +152,18 @@ def certify_image(sampler, params, config, index, image, label):
   """CERTIFY (or PREDICT) one image uint8 [H, W, C]: the LogWriter.write arguments."""
   start = time.time()
   if config.mode == "certify":
-    predictions, radii = smoothing.certify_batch(sampler, params, image[None], [index],
-                                                 config.n0, config.n, config.alpha)
-    prediction, radius = int(predictions[0]), float(radii[0])
+    selection, estimation = smoothing.certify_counts(sampler, params, image[None], [index],
+                                                     config.n0, config.n)
+    selection, estimation = selection[0], estimation[0]
+    prediction, radius = smoothing.certify_from_counts(selection, estimation, config.sigma,
+                                                       config.alpha)
   else:
-    prediction = int(smoothing.predict_batch(sampler, params, image[None], [index], config.n,
-                                             config.alpha)[0])
-    radius = None
-  return dict(idx=index, label=label, predict=prediction, correct=prediction == label,
-              seconds=time.time() - start, radius=radius)
+    selection = None
+    estimation = sampler.sample_counts(params, image[None], [index],
+                                       smoothing.PREDICTION_STREAM, config.n)[0]
+    prediction, radius = smoothing.predict_from_counts(estimation, config.alpha), None
+  return dict(idx=index, label=label, predict=int(prediction), correct=prediction == label,
+              seconds=time.time() - start, radius=radius, counts=(selection, estimation))
 
 
 def _local_mesh_and_chunk(config):
@@ -197,7 +200,7 @@ def certify_images(sampler, params, config, images, writer, already_done=0):
   for count, (index, image, label) in enumerate(images, start=1):
     row = certify_image(sampler, params, config, index, image, label)
     writer.write(row["idx"], row["label"], row["predict"], row["correct"], row["seconds"],
-                 radius=row["radius"])
+                 radius=row["radius"], counts=row["counts"])
     if count == 1:   # the first image pays for compilation: the rate counts the others
       rate, warm = per_image / row["seconds"], time.time()
     else:

@@ -17,14 +17,28 @@ image is certified again. Rows that differ only in `time` are one result
 settings a log was made with are kept in the log itself, as a comment line
 `# rrcm-jax settings: {json}` before the header (`check_or_write_settings`);
 our readers skip `#` lines (pandas needs `comment="#"`).
+
+Class counts: `LogWriter.write(..., counts=(n0_counts, counts))` first appends
+the image's counts as a JSON line {idx, n0_counts, counts} to
+`<log stem>.counts.jsonl` (`counts_path`; n0_counts is null in PREDICT mode),
+then its row to the log, so Cohen's readers never see them. A kill between the
+two writes leaves counts without a row: the writer drops such orphans when it
+opens, and the image, absent from the log, is certified again (same noise, same
+counts). `read_counts` returns them; `report --alpha` recomputes rows from them.
+
+Files go through `etils.epath`: local paths and object stores (gs://) alike.
+Object stores cannot append: there a writer keeps the file's text and writes
+the whole object again on every flush (an object write is atomic: a reader
+sees the previous or the new version, never a torn row). Rewriting costs
+O(rows) per image, well below one image's sampling for logs of 10^4 images.
 """
-import glob
 import json
 import os
 import re
 import sys
 
 import numpy as np
+from etils import epath
 
 COLUMNS = {
     "certify": ("idx", "label", "predict", "radius", "correct", "time"),
@@ -55,11 +69,82 @@ def parse_time(text):
   return int(days or 0) * 86400 + int(hours) * 3600 + int(minutes) * 60 + float(seconds)
 
 
+# ----------------------------------------------------------------------------
+# Files: local or object store, through epath.
+# ----------------------------------------------------------------------------
+def is_local(path):
+  """True for a local path, False for an object store URI (gs://, s3://, ...)."""
+  return "://" not in str(path)
+
+
+def _nonempty(path):
+  path = epath.Path(path)
+  return path.exists() and path.stat().length > 0
+
+
+def _read_text(path):
+  return epath.Path(path).read_bytes().decode(errors="replace")
+
+
+def _write_whole(path, data):
+  """Replaces the file at `path` by `data` (str or bytes) atomically: a temporary file and
+  a rename on local disks; one object write on object stores (atomic there; their renames
+  are copies)."""
+  path = epath.Path(path)
+  data = data.encode() if isinstance(data, str) else data
+  if not is_local(path):
+    path.write_bytes(data)
+    return
+  temporary = path.parent / (path.name + ".writing")
+  with temporary.open("wb") as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+  temporary.replace(path)
+
+
+class _Appender:
+  """Appends text to a file and makes it durable at once: append, flush and fsync on local
+  disks; on object stores the whole text is kept here and written again (see above)."""
+
+  def __init__(self, path):
+    self.path = epath.Path(path)
+    if is_local(path):   # unbuffered: a failed write (full disk) leaves nothing pending
+      self._file, self._text = open(self.path, "ab", buffering=0), None
+    else:
+      self._file = None
+      self._text = _read_text(path) if self.path.exists() else ""
+
+  def append(self, text):
+    if self._file is None:
+      self._text += text
+      self.path.write_text(self._text)
+      return
+    data = text.encode()
+    while data:   # a raw write may take part of the data; the next raises (e.g. ENOSPC)
+      data = data[self._file.write(data):]
+    os.fsync(self._file.fileno())
+
+  def close(self):
+    if self._file is not None:
+      self._file.close()
+
+
+def stem(path):
+  """The log path without its .tsv suffix (the JSON settings and counts are named from it)."""
+  path = str(path)
+  return path[:-len(".tsv")] if path.endswith(".tsv") else path
+
+
+def counts_path(path):
+  """`<log stem>.counts.jsonl`: the class counts of the log's images."""
+  return stem(path) + ".counts.jsonl"
+
+
 def _split(path):
   """(leading `#` lines, complete lines after them) of a log; text after the last
   newline (a row cut short by a kill) is left out."""
-  with open(path, errors="replace") as f:
-    lines = [line.rstrip("\r") for line in f.read().split("\n")[:-1]]
+  lines = [line.rstrip("\r") for line in _read_text(path).split("\n")[:-1]]
   comments = 0
   while comments < len(lines) and lines[comments].startswith("#"):
     comments += 1
@@ -112,29 +197,33 @@ class LogWriter:
   """Appends one flushed line per image to a Cohen-format log; resumes, never truncates.
 
   Attributes:
-    path: the log file.
+    path: the log file (local or gs://).
     mode: "certify" or "predict".
     done: set of image indices already in the log (skip them on a restart).
   """
 
   def __init__(self, path, mode="certify"):
     header(mode)  # validates mode
-    self.path, self.mode = path, mode
+    self.path, self.mode = str(path), mode
     self.done = set()
-    heal(path)
-    exists = os.path.exists(path) and os.path.getsize(path) > 0
+    heal(self.path)
+    exists = _nonempty(self.path)
     if exists:
-      found, rows = _read_rows(path)
+      found, rows = _read_rows(self.path)
       if found != mode:
         raise ValueError(f"{path} is a {found}-mode log, but mode is {mode!r}: pick another log "
                          f"path or the matching mode.")
       self.done = set(rows)
-    self._file = open(path, "a")
+    drop_orphan_counts(self.path, self.done)
+    self._log = _Appender(self.path)
+    self._counts = _Appender(counts_path(self.path))
     if not exists:
-      self._append(header(mode) + "\n")
+      self._log.append(header(mode) + "\n")
 
-  def write(self, idx, label, predict, correct, seconds, radius=None):
-    """Appends the row of image `idx` (radius in pixel space; CERTIFY mode only) and flushes."""
+  def write(self, idx, label, predict, correct, seconds, radius=None, counts=None):
+    """Appends the row of image `idx` (radius in pixel space; CERTIFY mode only) and flushes;
+    `counts` = (n0 selection counts or None, n estimation counts), per class, goes first
+    to `counts_path`."""
     idx = int(idx)
     if idx in self.done:
       raise ValueError(f"image {idx} is already in {self.path}; a restart must skip done indices.")
@@ -144,16 +233,17 @@ class LogWriter:
     if radius is not None:
       fields.append(repr(float(radius)))
     fields += [str(int(bool(correct))), f"{float(seconds):.3f}"]
-    self._append("\t".join(fields) + "\n")
+    if counts is not None:
+      selection, estimation = counts
+      self._counts.append(json.dumps(dict(
+          idx=idx, n0_counts=None if selection is None else [int(c) for c in selection],
+          counts=[int(c) for c in estimation])) + "\n")
+    self._log.append("\t".join(fields) + "\n")
     self.done.add(idx)
 
-  def _append(self, text):
-    self._file.write(text)
-    self._file.flush()
-    os.fsync(self._file.fileno())
-
   def close(self):
-    self._file.close()
+    self._log.close()
+    self._counts.close()
 
   def __enter__(self):
     return self
@@ -166,22 +256,18 @@ def heal(path):
   """Moves a last row cut short (no trailing newline: the writer was killed in the middle
   of it) from the log at `path` to `<path>.torn`, with a one-line notice, so that its
   image is certified again. Returns the moved text, or None when the log is whole."""
-  if not os.path.exists(path):
+  path = str(path)
+  if not epath.Path(path).exists():
     return None
-  with open(path, "rb") as f:
-    data = f.read()
+  data = epath.Path(path).read_bytes()
   if not data or data.endswith(b"\n"):
     return None
   cut = data.rfind(b"\n") + 1
-  torn = data[cut:]
-  with open(path + ".torn", "ab") as f:
-    f.write(torn + b"\n")
-    f.flush()
-    os.fsync(f.fileno())
-  with open(path, "r+b") as f:
-    f.truncate(cut)
-    os.fsync(f.fileno())
-  text = torn.decode(errors="replace")
+  text = data[cut:].decode(errors="replace")
+  torn = _Appender(path + ".torn")
+  torn.append(text + "\n")
+  torn.close()
+  _write_whole(path, data[:cut])
   print(f"note: {path} ended in a row cut short ({text!r}); moved it to {path}.torn, and its "
         "image will be certified again.", file=sys.stderr, flush=True)
   return text
@@ -189,8 +275,57 @@ def heal(path):
 
 def part_paths(path):
   """Existing per-process parts `<path>.p<k>`, ordered by k."""
-  parts = [p for p in glob.glob(glob.escape(path) + ".p*") if _PART.search(p)]
+  path = epath.Path(path)
+  if not path.parent.exists():
+    return []
+  parts = [str(path.parent / p.name) for p in path.parent.iterdir()
+           if p.name.startswith(path.name + ".p") and _PART.search(p.name)]
   return sorted(parts, key=lambda p: int(_PART.search(p).group(1)))
+
+
+# ----------------------------------------------------------------------------
+# Class counts beside the log.
+# ----------------------------------------------------------------------------
+def _count_lines(path):
+  """[(idx, JSON line)] of a counts file (a last line cut short by a kill is left out)."""
+  if not epath.Path(path).exists():
+    return []
+  lines = _read_text(path).split("\n")[:-1]
+  return [(int(json.loads(line)["idx"]), line) for line in lines if line.strip()]
+
+
+def read_counts(path):
+  """{idx: (n0 counts or None, counts)} (int64 arrays) beside the log at `path` (its
+  per-process parts' too); {} when there are none."""
+  counts = {}
+  for source in [path] + part_paths(path):
+    for idx, line in _count_lines(counts_path(source)):
+      entry = json.loads(line)
+      selection = entry.get("n0_counts")
+      counts.setdefault(idx, (None if selection is None else np.asarray(selection, np.int64),
+                              np.asarray(entry["counts"], np.int64)))
+  return counts
+
+
+def drop_orphan_counts(path, done):
+  """Rewrites the counts beside the log at `path` without the images not in `done` (the
+  log's indices): counts written just before a kill, whose row never was. Their images
+  are certified again. Returns the dropped indices."""
+  lines = _count_lines(counts_path(path))
+  kept, seen = [], set()
+  for idx, line in lines:
+    if idx in done and idx not in seen:
+      kept.append(line)
+      seen.add(idx)
+  dropped = sorted({idx for idx, _ in lines} - done)
+  text = "".join(line + "\n" for line in kept)
+  if epath.Path(counts_path(path)).exists() and text != _read_text(counts_path(path)):
+    _write_whole(counts_path(path), text)
+    if dropped:
+      print(f"note: {counts_path(path)} held counts of images {dropped[:5]} without a row in "
+            f"{path}; dropped them, and those images will be certified again.",
+            file=sys.stderr, flush=True)
+  return dropped
 
 
 def merge_logs(path, parts=None):
@@ -200,8 +335,9 @@ def merge_logs(path, parts=None):
   lost; the parts are left in place. The file is replaced atomically.
   Returns the number of rows in the merged log.
   """
-  parts = part_paths(path) if parts is None else list(parts)
-  sources = ([path] if os.path.exists(path) and os.path.getsize(path) > 0 else []) + parts
+  path = str(path)
+  parts = part_paths(path) if parts is None else [str(p) for p in parts]
+  sources = ([path] if _nonempty(path) else []) + parts
   if not sources:
     raise ValueError(f"no log to merge: neither {path} nor any {path}.p<k> exists.")
   modes, merged = set(), {}
@@ -216,11 +352,13 @@ def merge_logs(path, parts=None):
   if len(modes) > 1:
     raise ValueError(f"cannot merge logs of different modes {sorted(modes)}: {sources}.")
   comments = next((c for c in (_split(s)[0] for s in sources) if c), [])   # the settings line
-  temporary = path + ".merging"
-  with open(temporary, "w") as f:
-    f.write("\n".join(comments + [header(modes.pop())] + [merged[i] for i in sorted(merged)]) +
-            "\n")
-  os.replace(temporary, path)
+  counts = {}
+  for source in sources:
+    counts.update({i: line for i, line in _count_lines(counts_path(source)) if i in merged})
+  if counts:   # before the log: counts without a row are dropped on a restart
+    _write_whole(counts_path(path), "".join(counts[i] + "\n" for i in sorted(counts)))
+  _write_whole(path, "\n".join(comments + [header(modes.pop())] +
+                                [merged[i] for i in sorted(merged)]) + "\n")
   return len(merged)
 
 

@@ -325,13 +325,22 @@ def certify_batch(sampler, params, images, indices, n0, n, alpha):
   Returns (predictions int [m], ABSTAIN = -1; radii float [m], pixel space).
   """
   check_certify_args(n0=n0, n=n, alpha=alpha)
-  selection = sampler.dispatch_counts(params, images, indices, SELECTION_STREAM, n0)
-  estimation = sampler.dispatch_counts(params, images, indices, ESTIMATION_STREAM, n)
-  selection, estimation = jax.device_get((selection, estimation))
+  selection, estimation = certify_counts(sampler, params, images, indices, n0, n)
   results = [certify_from_counts(s, e, sampler.sigma, alpha) for s, e in zip(selection, estimation)]
   predictions = np.array([p for p, _ in results], np.int64)
   radii = np.array([r for _, r in results], np.float64)
   return predictions, radii
+
+
+def certify_counts(sampler, params, images, indices, n0, n):
+  """CERTIFY's class counts of images [m, H, W, C] (pixel space) with indices [m]: (n0
+  selection counts, n estimation counts), int64 numpy [m, K] each; both streams are
+  dispatched before either is read back."""
+  check_certify_args(n0=n0, n=n)
+  selection = sampler.dispatch_counts(params, images, indices, SELECTION_STREAM, n0)
+  estimation = sampler.dispatch_counts(params, images, indices, ESTIMATION_STREAM, n)
+  selection, estimation = jax.device_get((selection, estimation))
+  return np.asarray(selection, np.int64), np.asarray(estimation, np.int64)
 
 
 def certify(sampler, params, x, index, n0, n, alpha):

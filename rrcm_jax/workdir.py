@@ -68,8 +68,18 @@ def record_run(workdir, config, argv=None):
                platform=jax.devices()[0].platform, device_kind=jax.devices()[0].device_kind,
                # None: the backend's default (TF32 for float32 matmuls on recent NVIDIA GPUs)
                matmul_precision=jax.config.jax_default_matmul_precision)
-  with (path / "runs.jsonl").open("a") as f:
-    f.write(json.dumps(entry) + "\n")
+  append_line(path / "runs.jsonl", json.dumps(entry))
+
+
+def append_line(path, line):
+  """Appends `line` and a newline to the file at `path` (local or object store). Object
+  stores cannot append: there the object is read and written again whole (atomic)."""
+  path = epath.Path(path)
+  if "://" not in str(path):
+    with path.open("a") as f:
+      f.write(line + "\n")
+    return
+  path.write_text((path.read_text() if path.exists() else "") + line + "\n")
 
 
 class JsonLinesWriter:
