@@ -7,13 +7,13 @@ import sys
 import jax
 import numpy as np
 import pytest
-from safetensors import numpy as st_numpy
 
 from rrcm_jax import classifier, denoiser, export, models, torch_import
 from test_finetune import ONE, _abstract_params, pretrain_dir, tiny_config  # noqa: F401  (fixture)
 from test_finetune import tiny_pretrain_config
 
 torch = pytest.importorskip("torch")
+st_numpy = pytest.importorskip("safetensors.numpy")
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
