@@ -27,11 +27,11 @@ TFDS path holds out the last 6,000 of TFDS's order (same sizes, other images).
 import dataclasses
 import functools
 import gzip
-import os
 import pickle
 import re
 
 import numpy as np
+from etils import epath
 
 DEBIAN_FOLDERS = {"fashion_mnist": "/usr/share/datasets/fashion-mnist"}
 _IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -63,8 +63,7 @@ class SplitArrays:
 
 def read_idx(path):
   """An IDX file (gzip or raw) -> numpy array of its shape and type."""
-  with open(path, "rb") as f:
-    data = f.read()
+  data = epath.Path(path).read_bytes()   # local or gs://
   if data[:2] == b"\x1f\x8b":
     data = gzip.decompress(data)
   if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] not in _IDX_DTYPES:
@@ -79,8 +78,8 @@ def read_idx(path):
 
 def _find(folder, stem):
   for name in (stem, stem + ".gz"):
-    if os.path.exists(os.path.join(folder, name)):
-      return os.path.join(folder, name)
+    if (epath.Path(folder) / name).exists():
+      return str(epath.Path(folder) / name)
   return None
 
 
@@ -101,13 +100,13 @@ def load_idx_folder(folder):
 def load_cifar_folder(folder):
   """{"train", "test": (uint8 [N, 32, 32, 3], int32 [N])} from CIFAR-10 / CIFAR-100 python pickles."""
   def read(name):
-    with open(os.path.join(folder, name), "rb") as f:
+    with (epath.Path(folder) / name).open("rb") as f:
       batch = pickle.load(f, encoding="bytes")
     labels = batch.get(b"labels", batch.get(b"fine_labels"))
     images = np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return images, np.asarray(labels, np.int32)
 
-  if os.path.exists(os.path.join(folder, "data_batch_1")):          # CIFAR-10
+  if (epath.Path(folder) / "data_batch_1").exists():              # CIFAR-10
     train = [read(f"data_batch_{i}") for i in range(1, 6)]
     train = (np.concatenate([t[0] for t in train]), np.concatenate([t[1] for t in train]))
     return {"train": train, "test": read("test_batch")}
@@ -116,7 +115,7 @@ def load_cifar_folder(folder):
 
 def load_npz(path):
   """{split: (uint8 [N, H, W, C], int32 [N])} from an .npz with x_<split> / y_<split> pairs."""
-  with np.load(path) as f:
+  with epath.Path(path).open("rb") as file, np.load(file) as f:
     names = [k[2:] for k in f.files if k.startswith("x_") and "y_" + k[2:] in f.files]
     if not names:
       raise ValueError(f"{path} holds no x_<split> / y_<split> pairs (e.g. x_train, y_train); "
@@ -170,10 +169,10 @@ def source_of(data_cfg):
     return "tfds", data_cfg.get("data_dir", None)
   if path.endswith(".npz"):
     return "npz", path
-  if os.path.isdir(path):
+  if epath.Path(path).is_dir():
     if _find(path, _IDX_FILES["train"][0]):
       return "idx", path
-    if any(os.path.exists(os.path.join(path, f)) for f in ("data_batch_1", "train")):
+    if any((epath.Path(path) / f).exists() for f in ("data_batch_1", "train")):
       return "cifar", path
   raise ValueError(f"data.arrays={path!r} is neither an .npz file, a folder of MNIST-style IDX files "
                    "nor a CIFAR python folder (cifar-10-batches-py, cifar-100-python).")
