@@ -273,7 +273,7 @@ def torch_classifier(config):
   classifier config.torch_checkpoint (config.model, data.num_classes, final_norm)."""
   from rrcm_jax import torch_import  # pylint: disable=g-import-not-at-top  (PyTorch only here)
   path = config.torch_checkpoint
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():   # local or gs://
     raise ValueError(f"config.torch_checkpoint={path} is not a file.")
   model_cfg = _with_dtype(config.model, config.dtype)
   model = models.classifier(model_cfg, config.data.num_classes, config.final_norm)
