@@ -101,6 +101,19 @@ def data_config(name="fashion_mnist", image_size=28, channels=1, num_classes=10)
   ))
 
 
+_OPTIONAL_STR = ("data_dir", "folder", "pipeline", "arrays")   # None-able str keys of data_config
+
+
+def copy_data(data):
+  """A copy of a data section whose unset optional paths stay overridable on the command
+  line (`copy_and_resolve_references` turns their typed None into an untyped one)."""
+  data = data.copy_and_resolve_references()
+  for key in _OPTIONAL_STR:
+    if key in data and data[key] is None:
+      data[key] = ml_collections.FieldReference(None, field_type=str)
+  return data
+
+
 def model_config(width=192, depth=6, num_heads=3, patch_size=4, image_size=32,
                  channels=3, proj_hidden=2048, proj_out=256):
   """The ViT encoder with its time token and projection head (docs/method.md, Encoder)."""
@@ -272,7 +285,7 @@ def finetune_config(base, *, sigma, epochs, warmup_epochs, batch_size, lr, layer
       per_epoch_lr=True,                # lr constant within an epoch (reference; epoch 0 at lr 0)
   ))
   config.eval_levels = (0.5, 1.0, 2.0)  # model-space noise levels s of the noisy accuracies
-  config.data = base.data.copy_and_resolve_references()
+  config.data = copy_data(base.data)
   config.data.train_split = "train[:90%]"
   config.data.val_split = "train[90%:]"   # best checkpoints are chosen here, never on the test split
   config.model = base.model.copy_and_resolve_references()
@@ -318,7 +331,7 @@ def certify_config(base, *, sigma, every, num_images, chunk_size=1000, final_nor
   config.subset = "every"               # "every" or "first"
   config.every = every
   config.num_images = num_images        # at most this many of the subset
-  config.data = base.data.copy_and_resolve_references()   # data.eval_split is certified
+  config.data = copy_data(base.data)   # data.eval_split is certified
   config.model = base.model.copy_and_resolve_references()
   config.model.frozen_patch_embed = False   # as fine-tuning left it
   config.denoiser = base.denoiser.copy_and_resolve_references()
