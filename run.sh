@@ -68,7 +68,8 @@ demo() {
   stamp "4/4 report"
   "$py" -m rrcm_jax.report "$WORKDIR/certify/certify_sigma$SIGMA.tsv" \
     --plot "$WORKDIR/certified_accuracy.png" --csv "$WORKDIR/certified_accuracy.csv"
-  echo "pipeline took $((SECONDS - t0)) s after set-up; plot: $WORKDIR/certified_accuracy.png"
+  "$py" -m rrcm_jax.plot_metrics "$WORKDIR/pretrain" "$WORKDIR/knn.png" --csv "$WORKDIR/knn.csv"
+  echo "pipeline took $((SECONDS - t0)) s after set-up; plots: $WORKDIR/certified_accuracy.png, $WORKDIR/knn.png"
 }
 
 tests() {
