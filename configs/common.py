@@ -187,6 +187,9 @@ def pretrain_config(total_steps, batch_size, lr, weight_decay, warmup_divisor,
   config.save_every = 10_000              # kept checkpoints
   config.latest_every = 1_000             # the frequent "latest" checkpoint (only the newest kept)
   config.estimate = False                 # True: time a few steps, print the run's cost, write nothing
+  # A resumed run stops when its model, batch_size, seed, optim or total_steps differ from the
+  # workdir's config.json, unless named here ("total_steps,optim.lr"; README, Reliability).
+  config.allow_changes = ""
   return config
 
 
@@ -294,6 +297,9 @@ def finetune_config(base, *, sigma, epochs, warmup_epochs, batch_size, lr, layer
   config.mesh = ml_collections.ConfigDict(dict(fsdp=False))
   config.log_every = 50
   config.latest_every = 500
+  # A resumed run stops when model, batch_size, seed, optim, epochs, task or sigma differ
+  # from the workdir's config.json, unless named here ("epochs"; README, Reliability).
+  config.allow_changes = ""
   return config
 
 

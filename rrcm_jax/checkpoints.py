@@ -16,6 +16,7 @@ sentence names the step and the file, and the newest verified older one is
 restored; when none is intact, one sentence and the run stops.
 """
 import collections
+import contextlib
 import hashlib
 import json
 import math
@@ -236,7 +237,8 @@ class Checkpointer:
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                               meta=ocp.args.JsonRestore())
     if self.has_manifest(step):
-      restored = self.manager.restore(step, args=args)
+      with reading(self.directory, step):
+        restored = self.manager.restore(step, args=args)
     else:   # unverified: a read error is the only sign of damage
       try:
         restored = self.manager.restore(step, args=args)
@@ -251,7 +253,9 @@ class Checkpointer:
     step = self.newest_verified_step() if step is None else step
     if step is None:
       return None
-    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    with reading(self.directory, step):
+      args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+      return self.manager.restore(step, args=args)["meta"]
 
   def wait(self):
     """Blocks until the pending save is committed (with its manifest)."""
@@ -346,14 +350,31 @@ def resolve_checkpoint(init_from, key="config.init_from"):
 
 
 def complete_step(ckpt, step, source):
-  """The requested (or newest) complete checkpoint step of `ckpt`, or ValueError."""
-  steps = ckpt.all_steps()
-  if step is None and steps:
-    step = max(steps)
-  if step is None or step not in steps:
-    raise ValueError(f"{source} has no complete checkpoint"
-                     f"{'' if step is None else f' at step {step}'}.")
+  """The requested (or newest verified) complete checkpoint step of `ckpt`, or ValueError;
+  CheckpointDamaged when the requested step (or every step) fails its manifest, so that a
+  reader never reads a damaged step. Nothing is moved aside (another run's checkpoints)."""
+  if step is not None and step not in ckpt.all_steps():
+    raise ValueError(f"{source} has no complete checkpoint at step {step}.")
+  step = ckpt.verified_step(step)
+  if step is None:
+    raise ValueError(f"{source} has no complete checkpoint.")
   return step
+
+
+@contextlib.contextmanager
+def reading(directory, step):
+  """Turns an Orbax or TensorStore error while restoring checkpoint `step` of `directory`
+  into one sentence (ValueError): a verified checkpoint that does not restore was written
+  for another model or optimizer layout."""
+  try:
+    yield
+  except CheckpointDamaged:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (Orbax and TensorStore raise many types)
+    first = " ".join((str(e).strip().splitlines() or [type(e).__name__])[0].split())[:300]
+    raise ValueError(f"checkpoint step {step} in {directory} could not be restored into this "
+                     f"run's state ({first}); it was written with other model or optimizer "
+                     "settings, or is damaged.") from e
 
 
 def restore_subtrees(workdir, subdir, target, step, source):
@@ -364,9 +385,10 @@ def restore_subtrees(workdir, subdir, target, step, source):
   try:
     step = complete_step(ckpt, step, source)
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-    restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True),
-        meta=ocp.args.JsonRestore()))
+    with reading(ckpt.directory, step):
+      restored = ckpt.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True),
+          meta=ocp.args.JsonRestore()))
   finally:
     ckpt.close()
   return restored["state"], restored["meta"]

@@ -22,7 +22,8 @@ import sys
 import jax
 from etils import epath
 
-from rrcm_jax import checkpoints, classifier, finetune_step, flops, loop, models, optim, parallel
+from rrcm_jax import checkpoints, classifier, config_checks, finetune_step, flops, loop, models
+from rrcm_jax import optim, parallel
 from rrcm_jax import workdir as workdir_lib
 from rrcm_jax.data import device
 from rrcm_jax.evaluators import accuracy
@@ -241,7 +242,11 @@ def _loop(config, state, step_fn, data, mesh, ckpt, writer, evals, task, total, 
 def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   del argv
-  train(flags.FLAGS.config, flags.FLAGS.workdir)
+  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+  config_checks.validate_training(config, jax.device_count())
+  with workdir_lib.lock(workdir):   # one run per workdir, for the whole run
+    config_checks.check_resume(workdir, config)
+    train(config, workdir)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import time
 import jax
 from etils import epath
 
-from rrcm_jax import checkpoints, loop, models, optim, parallel, pretrain_step
+from rrcm_jax import checkpoints, config_checks, loop, models, optim, parallel, pretrain_step
 from rrcm_jax import workdir as workdir_lib
 from rrcm_jax.data import device
 from rrcm_jax.evaluators import knn_monitor
@@ -80,7 +80,6 @@ def train(config, workdir, batches=None, mesh=None, stop_after=None):
     if restored is not None:
       state = restored[0]
     start = int(state.step)
-    workdir_lib.record_run(workdir, config)
     if start >= config.total_steps:
       return state
     if jax.process_index() == 0:
@@ -91,6 +90,7 @@ def train(config, workdir, batches=None, mesh=None, stop_after=None):
     # Data, monitor, step, loop.
     global_batches = _global_batches(config, mesh, batches, start)
     monitor = _knn_monitor(config, state, writer, start)
+    workdir_lib.record_run(workdir, config)   # after data and model: a bad run leaves no record
     return loop.run(
         state, pretrain_step.make_train_step(config, model, tx, mesh, shardings),
         global_batches, key=jax.random.key(config.seed), checkpointer=ckpt, writer=writer,
@@ -157,10 +157,14 @@ def estimate(config, workdir, batches=None, mesh=None, steps=ESTIMATE_STEPS):
 def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   del argv
-  if flags.FLAGS.config.get("estimate", False):
-    estimate(flags.FLAGS.config, flags.FLAGS.workdir)
-  else:
-    train(flags.FLAGS.config, flags.FLAGS.workdir)
+  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+  if config.get("estimate", False):
+    estimate(config, workdir)
+    return
+  config_checks.validate_training(config, jax.device_count())
+  with workdir_lib.lock(workdir):   # one run per workdir, for the whole run
+    config_checks.check_resume(workdir, config)
+    train(config, workdir)
 
 
 if __name__ == "__main__":

@@ -271,7 +271,8 @@ def test_cli_trains_survives_sigterm_and_resumes(tmp_path):
   assert proc.returncode == 75   # EX_TEMPFAIL: preempted, rerun to resume
   step = checkpoints.Checkpointer(workdir).latest_step()
   assert step is not None and step >= 3
-  proc = _cli(workdir, f"--config.total_steps={step + 2}")
+  # a longer or shorter run is a binding change: allowed by name
+  proc = _cli(workdir, f"--config.total_steps={step + 2}", "--config.allow_changes=total_steps")
   out, _ = proc.communicate(timeout=240)
   assert proc.returncode == 0, out[-2000:]
   assert f"resuming at step {step}" in out
