@@ -181,6 +181,7 @@ def _write_records(workdir, path, config, settings):
   """Process 0: the settings beside the log, and the run in config.json / runs.jsonl."""
   if jax.process_index() != 0:
     return
+  certlog.check_or_write_settings(path, settings)   # <log stem>.settings.json, written once
   sidecar = epath.Path(_stem(path) + ".json")
   if not sidecar.exists():
     sidecar.write_text(json.dumps(dict(settings=settings), indent=2) + "\n")
@@ -292,6 +293,7 @@ def run(config, workdir, images=None):
   logits_fn, params, record = classifier.load_smoothing_classifier(config, mesh)
   settings = run_settings(config, record)
   check_settings(path, settings)
+  certlog.check_or_write_settings(path, settings, write=False)   # written in _write_records
   images = select_images(config) if images is None else images
   mine = images[jax.process_index()::jax.process_count()]   # image k -> process k % P
   todo = [item for item in mine if item[0] not in done]
@@ -332,7 +334,13 @@ def _num_classes(params):
 def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   del argv
-  run(flags.FLAGS.config, flags.FLAGS.workdir)
+  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+  if config.get("estimate", False):
+    run(config, workdir)   # writes nothing, takes no lock
+    return
+  validate_config(config)   # before the lock creates the workdir
+  with workdir_lib.lock(workdir):   # one run per workdir, for the whole run
+    run(config, workdir)
 
 
 if __name__ == "__main__":

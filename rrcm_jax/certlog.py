@@ -14,9 +14,11 @@ Healing after a kill: a last row without its newline was cut short; readers
 skip it and a `LogWriter` moves it to `<path>.torn` (one-line notice), so the
 image is certified again. Rows that differ only in `time` are one result
 (kept once); rows of one image with different results are an error. The
-settings a log was made with are kept in the log itself, as a comment line
-`# rrcm-jax settings: {json}` before the header (`check_or_write_settings`);
-our readers skip `#` lines (pandas needs `comment="#"`).
+settings a log was made with are kept beside it in `<log stem>.settings.json`,
+written once (`check_or_write_settings`), so the log itself stays in Cohen et
+al.'s format: their reader, `pd.read_csv(path, delimiter="\t")`, takes its
+first line as the header. Our readers skip `#` lines at the top (logs of
+earlier versions kept the settings in such a line).
 
 Class counts: `LogWriter.write(..., counts=(n0_counts, counts))` first appends
 the image's counts as a JSON line {idx, n0_counts, counts} to
@@ -381,19 +383,37 @@ def read_log(path):
 
 
 # ----------------------------------------------------------------------------
-# The settings a log was made with, kept in the log itself.
+# The settings a log was made with, kept beside it in `<log stem>.settings.json`.
 # ----------------------------------------------------------------------------
-SETTINGS_PREFIX = "# rrcm-jax settings: "
+SETTINGS_PREFIX = "# rrcm-jax settings: "   # where logs of earlier versions kept them
 
 
-def read_settings(path):
-  """The settings recorded in the log's `# rrcm-jax settings:` line, or None."""
-  if not os.path.exists(path):
+def settings_path(path):
+  """`<log stem>.settings.json`: the settings the log's rows were made with, written once."""
+  return stem(path) + ".settings.json"
+
+
+def _legacy_settings(path):
+  """The settings of a `# rrcm-jax settings:` line at the top of the log (earlier versions)."""
+  if not epath.Path(path).exists():
     return None
   for line in _split(path)[0]:
     if line.startswith(SETTINGS_PREFIX):
       return json.loads(line[len(SETTINGS_PREFIX):])
   return None
+
+
+def read_settings(path):
+  """The settings the log at `path` was made with (`settings_path`, or the settings line of
+  a log of an earlier version), or None."""
+  sidecar = epath.Path(settings_path(path))
+  if sidecar.exists():
+    try:
+      return json.loads(sidecar.read_text())["settings"]
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(f"{sidecar} is not a settings record ({e}); restore it, or certify into "
+                       "another workdir.") from None
+  return _legacy_settings(path)
 
 
 def _flat(settings, prefix=""):
@@ -418,46 +438,36 @@ def check_or_write_settings(path, settings, ignore=("classifier.train_flops",), 
   """Binds the log at `path` to `settings` (a JSON-able dict with "mode": what its rows
   depend on), so that a restart with other settings cannot append to it.
 
-  A new (or empty) log gets the settings line and the header. A log that has the line is
-  compared with it key by key (dotted keys in `ignore` excepted): ValueError, one sentence
-  naming the first key that differs. A log written before settings were kept in logs
-  adopts them when its rows agree with the `<log>.json` beside it (certify's record);
-  with rows and neither record, nothing can tell which settings made them: ValueError.
-  Several processes: all call it before the LogWriters open (all raise alike), only
-  process 0 with `write` (the file is replaced atomically, so readers see either version).
+  The settings live in `settings_path(path)`, written once and never rewritten, so the
+  log itself stays Cohen et al.'s format (their reader takes its first line as the
+  header) and losing certify's `<log stem>.json` record does not unbind it. A run whose
+  settings differ from the recorded ones (dotted keys in `ignore` excepted) gets
+  ValueError, one sentence naming the first key that differs. A log without the file
+  adopts the settings of its `# rrcm-jax settings:` line (earlier versions; the line is
+  then removed) or of `<log stem>.json` when they agree; with rows and no record at all,
+  nothing can tell which settings made them: ValueError. Several processes: all call it
+  before the LogWriters open (all raise alike), only process 0 with `write`.
   """
   mode = settings["mode"]
-  line = SETTINGS_PREFIX + json.dumps(settings, sort_keys=True)
-  if not os.path.exists(path) or os.path.getsize(path) == 0:
-    if write:
-      _replace(path, [line, header(mode)])
-    return
-  saved = read_settings(path)
+  saved, legacy = read_settings(path), _legacy_settings(path)
+  found, rows = _read_rows(path) if _nonempty(path) else (mode, {})
+  record = epath.Path(stem(path) + ".json")
+  if saved is None and record.exists():
+    saved = json.loads(record.read_text())["settings"]
   if saved is not None:
     _compare(path, saved, settings, ignore)
-    return
-  found, rows = _read_rows(path)
-  sidecar = (path[:-len(".tsv")] if path.endswith(".tsv") else path) + ".json"
-  if os.path.exists(sidecar):
-    with open(sidecar) as f:
-      _compare(path, json.load(f)["settings"], settings, ignore)
   elif rows:
     raise ValueError(f"{path} has {len(rows)} rows but no record of the settings they were made "
-                     f"with (no settings line, no {sidecar}); certify into another workdir.")
+                     f"with (no {settings_path(path)}, no {record}); certify into another workdir.")
   if found != mode:
     raise ValueError(f"{path} is a {found}-mode log, but mode is {mode!r}: pick another log "
                      f"path or the matching mode.")
-  if write:
+  if not write:
+    return
+  sidecar = epath.Path(settings_path(path))
+  if not sidecar.exists():
+    _write_whole(sidecar, json.dumps(dict(settings=settings), indent=1, sort_keys=True) + "\n")
+  if legacy is not None:   # the log becomes plain Cohen format again
     heal(path)
-    comments, lines = _split(path)
-    _replace(path, comments + [line] + lines)
-
-
-def _replace(path, lines):
-  """Writes `lines` to `path` atomically (a temporary file, then a rename)."""
-  temporary = path + ".settings"
-  with open(temporary, "w") as f:
-    f.write("\n".join(lines) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(temporary, path)
+    _, lines = _split(path)
+    _write_whole(path, "\n".join(lines or [header(mode)]) + "\n")

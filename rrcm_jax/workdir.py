@@ -192,11 +192,12 @@ def flat_hparams(config):
 
 
 def read_metrics(workdir, filename="metrics.jsonl"):
-  """All rows of a metrics file, in order."""
+  """All rows of a metrics file, in order; a last line without its newline (cut short by a
+  kill or a full disk) is left out."""
   path = epath.Path(workdir) / filename
   if not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return [json.loads(line) for line in path.read_text().split("\n")[:-1] if line.strip()]
 
 
 def format_duration(seconds):

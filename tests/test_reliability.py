@@ -1,5 +1,6 @@
 """Reliability: damaged checkpoints are detected and skipped, a kill during a save loses
 nothing committed, one run per workdir, certification logs heal after a kill."""
+import errno
 import json
 import os
 import pathlib
@@ -297,26 +298,41 @@ def test_rows_differing_only_in_time_are_one_result_conflicts_are_refused(tmp_pa
   assert certlog.merge_logs(str(path)) == 1
 
 
-def test_settings_live_in_the_log_so_a_lost_sidecar_cannot_let_other_settings_append(tmp_path):
+def test_settings_file_binds_the_log_which_stays_in_cohen_format(tmp_path):
   path = str(tmp_path / "certify_sigma0.25.tsv")
   certlog.check_or_write_settings(path, SETTINGS, write=False)   # processes other than 0
-  assert not os.path.exists(path)
+  assert not os.path.exists(certlog.settings_path(path))
   certlog.check_or_write_settings(path, SETTINGS)
+  assert certlog.settings_path(path) == str(tmp_path / "certify_sigma0.25.settings.json")
   _write_rows(path, (0, 1, 0.5, 1.0))
-  assert not os.path.exists(path[:-4] + ".json")   # no sidecar at all
+  assert not os.path.exists(path[:-4] + ".json")   # certify's record is lost: still bound
+  # Cohen et al.'s reader takes the first line as the header
+  assert pathlib.Path(path).read_text().splitlines()[0] == certlog.header("certify")
   certlog.check_or_write_settings(path, dict(SETTINGS, classifier=dict(SETTINGS["classifier"],
                                                                        train_flops=2.0)))
   with pytest.raises(ValueError, match=r"was made with n=100, this run has 1000; restart with"):
     certlog.check_or_write_settings(path, dict(SETTINGS, n=1000))
   assert list(certlog.read_log(path)["idx"]) == [0]
-  # multi-process parts merged into the log keep its settings line
+  written = pathlib.Path(certlog.settings_path(path)).read_text()
+  certlog.check_or_write_settings(path, SETTINGS)
+  assert pathlib.Path(certlog.settings_path(path)).read_text() == written   # never rewritten
   pathlib.Path(path + ".p1").write_text(certlog.header("certify") + "\n1\t1\t1\t0.25\t1\t1.0\n")
   assert certlog.merge_logs(path) == 2 and certlog.read_settings(path)["n"] == 100
 
 
-def test_a_log_without_settings_adopts_its_sidecar_or_refuses(tmp_path):
+def test_pandas_reads_the_log_as_cohen_et_al_do(tmp_path):
+  pandas = pytest.importorskip("pandas")
   path = str(tmp_path / "certify_sigma0.25.tsv")
-  _write_rows(path, (0, 1, 0.5, 1.0))   # written before settings were kept in logs
+  certlog.check_or_write_settings(path, SETTINGS)
+  _write_rows(path, (0, 1, 0.5, 1.0), (3, -1, 0.0, 2.0))
+  frame = pandas.read_csv(path, delimiter="\t")   # their analyze.py, as it is
+  assert list(frame.columns) == list(certlog.COLUMNS["certify"])
+  assert list(frame["idx"]) == [0, 3] and list(frame["radius"]) == [0.5, 0.0]
+
+
+def test_a_log_without_settings_adopts_its_record_or_refuses(tmp_path):
+  path = str(tmp_path / "certify_sigma0.25.tsv")
+  _write_rows(path, (0, 1, 0.5, 1.0))   # written before settings were recorded
   with pytest.raises(ValueError, match="no record of the settings"):
     certlog.check_or_write_settings(path, SETTINGS)
   with open(path[:-4] + ".json", "w") as f:
@@ -326,7 +342,22 @@ def test_a_log_without_settings_adopts_its_sidecar_or_refuses(tmp_path):
   certlog.check_or_write_settings(path, SETTINGS)
   os.remove(path[:-4] + ".json")
   assert certlog.read_settings(path)["sigma"] == 0.25
+  with pytest.raises(ValueError, match="was made with sigma=0.25, this run has 0.5"):
+    certlog.check_or_write_settings(path, dict(SETTINGS, sigma=0.5))
   assert list(certlog.read_log(path)["idx"]) == [0]
+
+
+def test_a_settings_line_of_an_earlier_version_moves_to_the_settings_file(tmp_path):
+  path = tmp_path / "certify_sigma0.25.tsv"
+  path.write_text(certlog.SETTINGS_PREFIX + json.dumps(SETTINGS) + "\n" +
+                  certlog.header("certify") + "\n0\t1\t1\t0.5\t1\t1.0\n")
+  with pytest.raises(ValueError, match="was made with n=100, this run has 7"):
+    certlog.check_or_write_settings(str(path), dict(SETTINGS, n=7))
+  certlog.check_or_write_settings(str(path), SETTINGS)
+  assert path.read_text().splitlines()[0] == certlog.header("certify")
+  assert list(certlog.read_log(str(path))["idx"]) == [0]
+  with pytest.raises(ValueError, match="was made with n=100, this run has 7"):
+    certlog.check_or_write_settings(str(path), dict(SETTINGS, n=7))
 
 
 def test_report_refuses_non_finite_radii(tmp_path):
@@ -347,3 +378,108 @@ def test_lock_on_an_unwritable_workdir_is_one_sentence(tmp_path):
   with pytest.raises(ValueError, match="is not writable"):
     with workdir_lib.lock(blocker / "workdir"):
       pass
+
+
+# ----------------------------------------------------------------------------
+# A full disk: one sentence, nothing already written is lost.
+# ----------------------------------------------------------------------------
+@pytest.fixture()
+def full_disk(tmp_path, monkeypatch):
+  """(directory, fill, free): a directory on a 256 KiB tmpfs when this runs as root (fill()
+  leaves about 4 KiB, free() gives the space back); elsewhere a stub in which, after fill()
+  and three more, every fsync raises OSError(ENOSPC) until free()."""
+  directory = tmp_path / "disk"
+  directory.mkdir()
+  mounted = os.geteuid() == 0 and subprocess.run(
+      ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(directory)],
+      capture_output=True).returncode == 0
+  filler = directory / "filler"
+  full = []
+
+  def fill():
+    if not mounted:
+      full.append(3)
+      return
+    with open(filler, "wb", buffering=0) as f:
+      try:
+        while True:
+          f.write(b"\0" * 1024)
+      except OSError as e:
+        assert e.errno == errno.ENOSPC
+    os.truncate(filler, max(filler.stat().st_size - 4096, 0))
+
+  def free():
+    full.clear()
+    if filler.exists():
+      filler.unlink()
+
+  if not mounted:
+    fsync = os.fsync
+    def fsync_or_full(fd):
+      if full and full[0] == 0:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+      if full:
+        full[0] -= 1
+      fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync_or_full)
+  yield directory, fill, free
+  if mounted:
+    subprocess.run(["umount", "-l", str(directory)], check=False)   # -l: even if a file is open
+
+
+def test_certification_on_a_full_disk_is_one_sentence_and_keeps_every_row(full_disk):
+  from rrcm_jax import cli  # pylint: disable=g-import-not-at-top
+  directory, fill, free = full_disk
+  path = str(directory / "certify_sigma0.25.tsv")
+  certlog.check_or_write_settings(path, SETTINGS)
+  written = []
+  with certlog.LogWriter(path) as writer:
+    fill()
+    with pytest.raises(OSError) as error:
+      for idx in range(100_000):
+        writer.write(idx, label=1, predict=1, correct=True, seconds=1.5, radius=0.25 + idx)
+        written.append(idx)
+  assert error.value.errno == errno.ENOSPC
+  message, status = cli.explain(error.value)
+  assert message.startswith(f"no space left on device while writing {directory}/"), message
+  assert "\n" not in message and status == 1
+  log = certlog.read_log(path)   # readable on the full disk
+  assert set(written) <= set(log["idx"].tolist()) and len(log["idx"]) <= len(written) + 1
+  free()
+  with certlog.LogWriter(path) as writer:   # resumes: a torn row moves aside, nothing else
+    assert set(written) <= writer.done
+    writer.write(written[-1] + 1, label=1, predict=1, correct=True, seconds=1.0,
+                 radius=0.125) if written[-1] + 1 not in writer.done else None
+  log = certlog.read_log(path)
+  assert log["radius"][0] == 0.25 and len(log["idx"]) >= len(written) + 1
+  assert certlog.read_settings(path) == json.loads(json.dumps(SETTINGS))
+
+
+def _sync(path):
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def test_metrics_on_a_full_disk_are_one_sentence_and_keep_every_row(full_disk):
+  from rrcm_jax import cli  # pylint: disable=g-import-not-at-top
+  directory, fill, free = full_disk
+  writer = workdir_lib.JsonLinesWriter(directory)
+  writer.write_scalars(0, {"loss": 1.0})
+  fill()
+  written = [0]
+  with pytest.raises(OSError) as error:
+    for step in range(1, 1_000_000):
+      writer.write_scalars(step, {"loss": 1.0 / step, "images_per_s": 123.25})
+      if not os.path.exists(directory / "filler"):   # the stub: fsync is where it fails
+        _sync(str(directory / "metrics.jsonl"))
+      written.append(step)
+  message, status = cli.explain(error.value)
+  assert message.startswith("no space left on device while writing "), message
+  assert "metrics.jsonl" in message and status == 1
+  rows = workdir_lib.read_metrics(directory)
+  assert [r["step"] for r in rows][:len(written)] == written
+  free()
+
