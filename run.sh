@@ -8,12 +8,20 @@
 #   ./run.sh test       the test suite (what CI runs).
 #   ./run.sh setup      only the set-up.
 #
+# Exit statuses: a stage stopped by SIGTERM exits 75 (preempted, checkpoint written) and is
+# run again, resuming, up to RRCM_MAX_RESUMES times (default 20); any other failure stops
+# the pipeline with the stage's status (2 bad input, 65 no intact checkpoint, 69 workdir in
+# use, 1 other), so fine-tuning never starts from a half-trained encoder.
+#
 # Environment: RRCM_WORKDIR (default workdirs/demo), RRCM_SIGMA (default 0.25),
 # PYTHON (default python3), RRCM_VENV (default .venv: the virtualenv to create or reuse;
 # an existing one elsewhere, e.g. another checkout's, is used as it is, which is how
 # .ci/run tests a fresh clone without reinstalling).
 set -euo pipefail
 cd "$(dirname "$0")"
+readonly PROG="run.sh"
+# shellcheck source=launch/common.sh
+source launch/common.sh
 
 PYTHON=${PYTHON:-python3}
 VENV=${RRCM_VENV:-.venv}
@@ -22,6 +30,18 @@ SIGMA=${RRCM_SIGMA:-0.25}
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 
 stamp() { printf '\n=== %s  %s\n' "$(date +%H:%M:%S)" "$*"; }
+
+# stage NAME COMMAND...: runs one stage of the pipeline, again while it is preempted (75);
+# any other failure ends run.sh with the stage's exit status.
+stage() {
+  local name=$1 status=0
+  shift
+  run_resuming "$name" "${RRCM_MAX_RESUMES:-20}" "$@" || status=$?
+  if ((status != 0)); then
+    echo "$PROG: $name stopped with exit status $status ($(describe_status "$status")); the stages after it did not run." >&2
+    exit "$status"
+  fi
+}
 
 setup() {
   local t0=$SECONDS
@@ -55,14 +75,14 @@ demo() {
   stamp "preparing Fashion-MNIST for TFDS (offline)"
   "$py" -m rrcm_jax.data.prepare fashion_mnist
   stamp "1/4 pre-training (rRCM objective)"
-  "$py" -m rrcm_jax.pretrain --config=configs/fashion_mnist_pretrain.py \
+  stage "pre-training" "$py" -m rrcm_jax.pretrain --config=configs/fashion_mnist_pretrain.py \
     --workdir="$WORKDIR/pretrain"
   stamp "2/4 consistency fine-tuning at sigma=$SIGMA"
-  "$py" -m rrcm_jax.finetune --config=configs/fashion_mnist_finetune.py \
+  stage "fine-tuning" "$py" -m rrcm_jax.finetune --config=configs/fashion_mnist_finetune.py \
     --workdir="$WORKDIR/finetune_sigma$SIGMA" --config.init_from="$WORKDIR/pretrain" \
     --config.sigma="$SIGMA"
   stamp "3/4 certification (demo size: 50 test images, n0=100, n=2000)"
-  "$py" -m rrcm_jax.certify --config=configs/fashion_mnist_certify.py \
+  stage "certification" "$py" -m rrcm_jax.certify --config=configs/fashion_mnist_certify.py \
     --workdir="$WORKDIR/certify" --config.init_from="$WORKDIR/finetune_sigma$SIGMA" \
     --config.sigma="$SIGMA" --config.n=2000 --config.every=200
   stamp "4/4 report"

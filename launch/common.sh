@@ -39,3 +39,66 @@ quote_words() {
     sep=" "
   done
 }
+
+# Exit statuses of the rrcm-jax commands (rrcm_jax/cli.py): 75 means preempted with a
+# checkpoint written, so running the same command again resumes; 2 (bad input), 65 (no
+# intact checkpoint) and 69 (workdir in use) cannot be cured by running it again.
+readonly EX_PREEMPTED=75
+
+# A few words on an rrcm-jax exit status, for messages.
+describe_status() {
+  case $1 in
+    0) echo "finished" ;;
+    2) echo "bad input: the message above says what to change" ;;
+    65) echo "no intact checkpoint to resume from" ;;
+    69) echo "the workdir is in use by another run" ;;
+    75) echo "preempted, checkpoint written: rerun to resume" ;;
+    *) echo "failed" ;;
+  esac
+}
+
+# Whether running the same command again can help after exit status $1.
+worth_rerunning() {
+  case $1 in
+    0 | 2 | 65 | 69) return 1 ;;
+    *) return 0 ;;
+  esac
+}
+
+# run_resuming NAME MAX COMMAND...: runs COMMAND, and runs it again while it exits 75
+# (preempted, checkpoint written: the rerun resumes), at most MAX times; returns its last
+# exit status. Each rerun is announced on stderr.
+run_resuming() {
+  local name=$1 max=$2 resumes=0 status
+  shift 2
+  while :; do
+    status=0
+    "$@" || status=$?
+    if [[ $status != "$EX_PREEMPTED" ]] || ((resumes >= max)); then
+      return "$status"
+    fi
+    resumes=$((resumes + 1))
+    echo "${PROG:-rrcm}: $name was preempted (exit 75, checkpoint written); running it again to resume ($resumes of at most $max)." >&2
+  done
+}
+
+# run_forwarding COMMAND...: runs COMMAND as a child and passes SIGTERM and SIGINT on to
+# it (a scheduler's preemption notice reaches the trainer, which checkpoints and exits
+# 75); returns COMMAND's exit status. Sets STOP_REQUESTED=1 when this script was signalled.
+STOP_REQUESTED=0
+run_forwarding() {
+  local child status=0
+  "$@" &
+  child=$!
+  # shellcheck disable=SC2064  # the child's pid is fixed now
+  trap "STOP_REQUESTED=1; kill -TERM $child 2>/dev/null || true" TERM
+  # shellcheck disable=SC2064
+  trap "STOP_REQUESTED=1; kill -INT $child 2>/dev/null || true" INT
+  wait "$child" || status=$?
+  while kill -0 "$child" 2>/dev/null; do   # a signal ended `wait`, not the child
+    status=0
+    wait "$child" || status=$?
+  done
+  trap - TERM INT
+  return "$status"
+}

@@ -28,6 +28,12 @@
 # --workdir, which must therefore be a gs:// path (Orbax and TF's file system read and
 # write it; every worker sees the same one). --max-restarts N does that re-run itself.
 #
+# Exit statuses of COMMAND (as gcloud's ssh passes them on): 75 means preempted with a
+# checkpoint written; the slice is checked (recreated if gone) and COMMAND runs again,
+# resuming, up to --max-resumes times (default 10). 2 (bad input), 65 (no intact
+# checkpoint) and 69 (workdir in use) stop at once: rerunning cannot help. Other failures
+# (e.g. 255: the ssh connection died with the slice) are retried --max-restarts times.
+#
 # A dry run makes no query: it prints the commands for a slice that does not exist
 # yet (or, with --reuse, for an existing one). Lines starting with '#' are notes.
 set -euo pipefail
@@ -56,6 +62,7 @@ Options:
   --env KEY=VALUE           export KEY=VALUE on every worker (repeatable).
   --log-dir DIR             local directory of per-worker logs (default logs/NAME).
   --max-restarts N          recreate the slice and rerun up to N times after a failure (default 0).
+  --max-resumes N           rerun up to N times when COMMAND exits 75, preempted (default 10).
   --dry-run                 print the gcloud commands instead of running them.
   -h, --help                this text.
 EOF
@@ -90,11 +97,11 @@ default_version() {
 
 parse_args() {
   NAME="" ZONE="" TYPE="" VERSION="" PROJECT="" CAPACITY="" QUEUED=0 REUSE=0
-  REPO="" COPY=0 DRY_RUN=0 LOG_DIR="" MAX_RESTARTS=0
+  REPO="" COPY=0 DRY_RUN=0 LOG_DIR="" MAX_RESTARTS=0 MAX_RESUMES=10
   ENV_VARS=() USER_CMD=()
   while (($# > 0)); do
     case $1 in
-      --name | --zone | --accelerator-type | --version | --project | --repo | --env | --log-dir | --max-restarts)
+      --name | --zone | --accelerator-type | --version | --project | --repo | --env | --log-dir | --max-restarts | --max-resumes)
         if (($# < 2)) || [[ -z $2 || $2 == --* ]]; then die "$1 needs a value."; fi
         case $1 in
           --name) NAME=$2 ;;
@@ -106,6 +113,7 @@ parse_args() {
           --env) ENV_VARS+=("$2") ;;
           --log-dir) LOG_DIR=$2 ;;
           --max-restarts) MAX_RESTARTS=$2 ;;
+          --max-resumes) MAX_RESUMES=$2 ;;
         esac
         shift 2
         ;;
@@ -139,6 +147,7 @@ validate_args() {
     || die "--preemptible cannot be queued; use --spot with --queued."
   [[ -z $REPO || $COPY == 0 ]] || die "--repo and --copy exclude each other; give one."
   [[ $MAX_RESTARTS =~ ^[0-9]+$ ]] || die "--max-restarts must be a whole number (got '$MAX_RESTARTS')."
+  [[ $MAX_RESUMES =~ ^[0-9]+$ ]] || die "--max-resumes must be a whole number (got '$MAX_RESUMES')."
   local kv
   for kv in "${ENV_VARS[@]}"; do
     [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env '$kv' is not KEY=VALUE."
@@ -268,15 +277,25 @@ run_everywhere() {
 main() {
   parse_args "$@"
   validate_args
-  local attempt=0 status
+  local attempt=0 resumes=0 status
   while :; do
     ensure_slice
     ship_and_install
     status=0
     run_everywhere || status=$?
     [[ $status != 0 ]] || return 0
+    if ((status == EX_PREEMPTED && resumes < MAX_RESUMES)); then
+      resumes=$((resumes + 1))
+      REUSE=0   # the slice may be going away: check it before running again
+      note "the command was preempted (exit 75, checkpoint written); running it again to resume ($resumes of at most $MAX_RESUMES)"
+      continue
+    fi
+    if ! worth_rerunning "$status"; then
+      echo "$PROG: the command stopped on $NAME with exit status $status ($(describe_status "$status")); rerunning cannot help until that is fixed." >&2
+      return "$status"
+    fi
     if ((attempt >= MAX_RESTARTS)); then
-      echo "$PROG: the command failed on $NAME (exit $status); run the same launch again to resume from the workdir." >&2
+      echo "$PROG: the command failed on $NAME (exit $status: $(describe_status "$status")); run the same launch again to resume from the workdir." >&2
       return "$status"
     fi
     attempt=$((attempt + 1))

@@ -200,6 +200,9 @@ case $verb in
   "tpu-vm ssh")
     if [[ "$*" == *RRCM_DISTRIBUTED=1* && -f $FAKE_DIR/fail_once ]]; then
       rm "$FAKE_DIR/fail_once"; echo PREEMPTED > "$FAKE_DIR/state"; exit 255
+    fi
+    if [[ "$*" == *RRCM_DISTRIBUTED=1* && -f $FAKE_DIR/exit_once ]]; then
+      code=$(cat "$FAKE_DIR/exit_once"); rm "$FAKE_DIR/exit_once"; exit "$code"
     fi ;;
 esac
 """
@@ -295,6 +298,133 @@ def test_tpu_failed_run_restarts_or_reports(fake_gcloud):
   assert result.returncode == 0, result.stderr
   assert calls().count("tpu-vm create") == 1 and calls().count("tpu-vm delete") == 1
   assert calls()[-1] == "tpu-vm ssh"
+
+
+def test_tpu_preempted_command_is_resumed(fake_gcloud):
+  tmp, env, calls = fake_gcloud
+  (tmp / "state").write_text("READY\n")
+  (tmp / "exit_once").write_text("75")
+  result = run([TPU, *BASE, "--log-dir", str(tmp / "logs"), "--", "true"], env=env)
+  assert result.returncode == 0, result.stderr
+  assert calls().count("tpu-vm ssh") == 4   # install and run, twice
+  assert "preempted (exit 75, checkpoint written); running it again to resume" in result.stderr
+  (tmp / "exit_once").write_text("75")
+  result = run([TPU, *BASE, "--max-resumes", "0", "--log-dir", str(tmp / "logs"), "--", "true"],
+               env=env)
+  assert result.returncode == 75 and "run the same launch again to resume" in result.stderr
+
+
+@pytest.mark.parametrize("status", [2, 65, 69])
+def test_tpu_statuses_that_a_rerun_cannot_cure_stop_at_once(fake_gcloud, status):
+  tmp, env, calls = fake_gcloud
+  (tmp / "state").write_text("READY\n")
+  (tmp / "exit_once").write_text(str(status))
+  result = run([TPU, *BASE, "--max-restarts", "3", "--log-dir", str(tmp / "logs"), "--", "true"],
+               env=env)
+  assert result.returncode == status
+  assert calls().count("tpu-vm ssh") == 2 and "tpu-vm create" not in calls()
+  assert f"exit status {status}" in result.stderr and "rerunning cannot help" in result.stderr
+
+
+# ---------------------------------------------------------------- exit statuses of a command
+
+def _exits_then_succeeds(tmp_path, first_status):
+  """A command that exits `first_status` on its first run and 0 after; counts its runs."""
+  script = tmp_path / "stage.sh"
+  script.write_text(f'#!/usr/bin/env bash\necho run >> "{tmp_path}/runs"\n'
+                    f'[[ -f "{tmp_path}/ran" ]] && exit 0\ntouch "{tmp_path}/ran"\n'
+                    f'exit {first_status}\n')
+  script.chmod(0o755)
+  return str(script), lambda: len((tmp_path / "runs").read_text().splitlines())
+
+
+def test_gpu_preempted_command_is_resumed_only_when_asked(tmp_path):
+  command, runs = _exits_then_succeeds(tmp_path, 75)
+  result = run([GPU, "--", command])
+  assert result.returncode == 75 and runs() == 1
+  assert "preempted (exit 75, checkpoint written); run the same launch again" in result.stderr
+  (tmp_path / "ran").unlink()
+  result = run([GPU, "--max-resumes", "2", "--", command])
+  assert result.returncode == 0, result.stderr
+  assert runs() == 3 and "running it again to resume (1 of at most 2)" in result.stderr
+
+
+def test_gpu_failure_is_reported_once_and_not_rerun(tmp_path):
+  command, runs = _exits_then_succeeds(tmp_path, 2)
+  result = run([GPU, "--max-resumes", "3", "--", command])
+  assert result.returncode == 2 and runs() == 1
+  (line,) = result.stderr.strip().splitlines()
+  assert line.startswith("gpu_local.sh: the command failed with exit status 2 (bad input")
+
+
+def test_gpu_passes_sigterm_on_to_the_command(tmp_path):
+  trainer = ("import signal, sys, time\n"
+             "signal.signal(signal.SIGTERM, lambda *a: sys.exit(75))\n"
+             "print('ready', flush=True)\n"
+             "time.sleep(60)\n")
+  proc = subprocess.Popen(["bash", GPU, "--max-resumes", "5", "--", sys.executable, "-c", trainer],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  assert proc.stdout.readline().strip() == "ready"
+  proc.terminate()
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == 75 and "running it again" not in err   # signalled: no rerun
+
+
+def _fake_slurm(tmp_path):
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  srun = bin_dir / "srun"
+  srun.write_text('#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n')
+  scontrol = bin_dir / "scontrol"
+  scontrol.write_text(f'#!/usr/bin/env bash\necho "$*" >> "{tmp_path}/scontrol"\n')
+  for tool in (srun, scontrol):
+    tool.chmod(0o755)
+  return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "42",
+          "SLURM_GPUS_ON_NODE": "1", "RRCM_LOG_DIR": str(tmp_path / "logs")}
+
+
+def test_slurm_requeues_a_preempted_job_and_reports_failures(tmp_path):
+  env = _fake_slurm(tmp_path)
+  result = run([SLURM, "bash", "-c", "exit 75"], env=env, cwd=tmp_path)
+  assert result.returncode == 75
+  assert (tmp_path / "scontrol").read_text().split() == ["requeue", "42"]
+  assert "requeueing job 42 to resume" in result.stderr
+  (tmp_path / "scontrol").unlink()
+  result = run([SLURM, "bash", "-c", "exit 2"], env=env, cwd=tmp_path)
+  assert result.returncode == 2 and not (tmp_path / "scontrol").exists()
+  assert "bad input (exit 2)" in result.stderr
+
+
+# ---------------------------------------------------------------- run.sh
+
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+# The demo's stages: pre-training is preempted once, fine-tuning stops on bad input.
+echo "$*" >> "$FAKE_DIR/calls"
+case $2 in
+  rrcm_jax.pretrain) [[ -f $FAKE_DIR/pretrained ]] || { touch "$FAKE_DIR/pretrained"; exit 75; } ;;
+  rrcm_jax.finetune) exit 2 ;;
+esac
+exit 0
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
+                    reason="run.sh's set-up would install Fashion-MNIST")
+def test_run_sh_reruns_a_preempted_stage_and_stops_on_a_failed_one(tmp_path):
+  venv = tmp_path / "venv"
+  (venv / "bin").mkdir(parents=True)
+  python = venv / "bin" / "python"
+  python.write_text(FAKE_PYTHON)
+  python.chmod(0o755)
+  env = {"RRCM_VENV": str(venv), "FAKE_DIR": str(tmp_path), "RRCM_WORKDIR": str(tmp_path / "w")}
+  result = run([os.path.join(REPO, "run.sh")], env=env)
+  assert result.returncode == 2, result.stderr
+  stages = [line.split()[1] for line in (tmp_path / "calls").read_text().splitlines()
+            if line.startswith("-m ")]
+  assert stages == ["rrcm_jax.data.prepare", "rrcm_jax.pretrain", "rrcm_jax.pretrain",
+                    "rrcm_jax.finetune"]   # certification never starts
+  assert "pre-training was preempted (exit 75, checkpoint written); running it again" in result.stderr
+  assert "fine-tuning stopped with exit status 2" in result.stderr
 
 
 # ---------------------------------------------------------------- gpu_local.sh
