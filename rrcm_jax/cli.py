@@ -45,7 +45,8 @@ def run(main, argv, workdir_help="directory for checkpoints, logs and metrics (l
       message, status = explain(e)
       if status == EX_FAILURE and not _is_environment_error(e):
         traceback.print_exc()   # unexpected: the traceback is for whoever fixes it
-      print(f"error: {message}", file=sys.stderr, flush=True)
+      prefix = "" if status == loop.EX_TEMPFAIL else "error: "   # "preempted: ..., rerun"
+      print(f"{prefix}{message}", file=sys.stderr, flush=True)
       sys.exit(status)
 
   def parse(args):   # an unknown or ill-typed key becomes one sentence, not a traceback
@@ -134,7 +135,7 @@ def file_in_traceback(error, suffixes=None):
       elif name == "self" and isinstance(getattr(value, "path", None), (str, os.PathLike)):
         candidate = os.fspath(value.path)   # a writer's own file (certlog.LogWriter, ...)
       elif isinstance(value, os.PathLike) or (isinstance(value, str) and name in (
-          "path", "filename", "file", "sidecar", "target", "temporary", "source")):
+          "path", "filename", "file", "sidecar", "target", "temporary", "source", "directory")):
         candidate = os.fspath(value)
       if candidate and (suffixes is None or str(candidate).endswith(suffixes)):
         return str(candidate)
@@ -200,6 +201,10 @@ def explain(error):
     return _one_line(error), int(error.exit_code)
   if isinstance(error, OSError) and error.errno is not None:
     return _os_error(error)
+  if "No space left on device" in str(error):   # TensorStore's and Orbax's, without errno
+    where = file_in_traceback(error) or "the workdir"
+    return (f"no space left on device while writing {where}; what was written before is "
+            "intact: free space and rerun the same command to resume."), EX_FAILURE
   modules = _traceback_modules(error)
   if any(m.startswith(("orbax", "tensorstore")) for m in modules):
     where = file_in_traceback(error) or "its checkpoint directory"

@@ -66,6 +66,18 @@ def test_disk_full_names_the_file_being_written(tmp_path):
   _one_sentence(message)
 
 
+def _save_checkpoint(directory):
+  raise ValueError("Error writing local file \"/x/d/abc\": No space left on device "
+                   "[tensorstore_spec='...']")
+
+
+def test_disk_full_inside_a_checkpoint_library_is_the_same_sentence(tmp_path):
+  directory = tmp_path / "checkpoints"
+  message, status = cli.explain(_raised(_save_checkpoint, str(directory)))
+  assert message.startswith(f"no space left on device while writing {directory};"), message
+  assert status == 1
+
+
 def _read_json(path):
   return json.loads(pathlib.Path(path).read_text())
 
@@ -125,7 +137,8 @@ def test_command_line_errors():
   assert flag.startswith("unknown config key 'config.nope'")
   missing = cli.command_line_error(
       OSError("Configuration is not available because of an earlier failure to load: "
-              "[Errno 2] No such file or directory: 'configs/nope.py'"), ["--config=configs/nope.py"])
+              "[Errno 2] No such file or directory: 'configs/nope.py'"),
+      ["--config=configs/nope.py"])
   assert missing.startswith("--config=configs/nope.py: no such config file 'configs/nope.py'")
   for message in (unknown, flag, missing):
     _one_sentence(message)

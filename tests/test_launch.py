@@ -423,7 +423,8 @@ def test_run_sh_reruns_a_preempted_stage_and_stops_on_a_failed_one(tmp_path):
             if line.startswith("-m ")]
   assert stages == ["rrcm_jax.data.prepare", "rrcm_jax.pretrain", "rrcm_jax.pretrain",
                     "rrcm_jax.finetune"]   # certification never starts
-  assert "pre-training was preempted (exit 75, checkpoint written); running it again" in result.stderr
+  assert ("pre-training was preempted (exit 75, checkpoint written); running it again"
+          in result.stderr)
   assert "fine-tuning stopped with exit status 2" in result.stderr
 
 

@@ -134,6 +134,21 @@ def test_every_saved_checkpoint_carries_a_manifest_and_resaves_after_fallback(tm
   assert meta["step"] == 3 and int(state["opt"]["count"]) == 3
 
 
+def test_readers_of_another_runs_checkpoints_never_read_a_damaged_step(tmp_path):
+  _save_steps(tmp_path)
+  _overwrite_middle(tmp_path / "checkpoints" / "2")
+  ckpt = checkpoints.Checkpointer(tmp_path)
+  try:
+    assert checkpoints.complete_step(ckpt, None, "config.init_from") == 1   # the newest intact
+    with pytest.raises(checkpoints.CheckpointDamaged, match="step 2 .* failed verification"):
+      checkpoints.complete_step(ckpt, 2, "config.init_from")
+    with pytest.raises(ValueError, match="config.init_from has no complete checkpoint at step 5"):
+      checkpoints.complete_step(ckpt, 5, "config.init_from")
+  finally:
+    ckpt.close()
+  assert (tmp_path / "checkpoints" / "2").is_dir()   # another run's: nothing moved
+
+
 def test_a_checkpoint_without_manifest_is_restored_with_a_notice(tmp_path):
   _save_steps(tmp_path)
   (tmp_path / "checkpoints" / "2" / checkpoints.MANIFEST).unlink()
