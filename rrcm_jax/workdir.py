@@ -380,9 +380,12 @@ def lock(workdir, **lease_options):
   on object stores (gs://, options passed to Lease). Only process 0 of a multi-process
   run takes it (the processes of one run share the workdir). Raises WorkdirBusy (one
   sentence: host, pid, since when) when another run holds it. Yields the lock (or None).
+  A local workdir the lock created is removed again when the block leaves nothing but the
+  lock file in it (a run that stopped on bad input leaves no trace).
   """
-  held, refusal = None, None
+  held, refusal, created = None, None, False
   if jax.process_index() == 0:
+    created = "://" not in str(workdir) and not os.path.exists(str(workdir))
     ensure_writable(workdir)   # creates it; one sentence when it cannot be written
     held = Lease(workdir, **lease_options) if "://" in str(workdir) else FileLock(workdir)
     try:
@@ -403,3 +406,16 @@ def lock(workdir, **lease_options):
     yield held
   finally:
     held.release()
+    if created:
+      _remove_if_untouched(str(workdir))
+
+
+def _remove_if_untouched(workdir):
+  """Removes `workdir` when it holds nothing but the lock file."""
+  try:
+    if set(os.listdir(workdir)) <= {LOCK_NAME}:
+      if os.path.exists(os.path.join(workdir, LOCK_NAME)):
+        os.unlink(os.path.join(workdir, LOCK_NAME))
+      os.rmdir(workdir)
+  except OSError:   # someone else is using it now: leave it
+    pass

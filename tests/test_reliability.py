@@ -387,6 +387,20 @@ def test_report_refuses_non_finite_radii(tmp_path):
   assert stop.value.code == 2
 
 
+def test_a_workdir_the_lock_created_goes_when_the_run_wrote_nothing(tmp_path):
+  with pytest.raises(ValueError, match="bad input"):
+    with workdir_lib.lock(tmp_path / "new"):
+      raise ValueError("bad input")
+  assert not (tmp_path / "new").exists()
+  with workdir_lib.lock(tmp_path / "used"):
+    (tmp_path / "used" / "config.json").write_text("{}")
+  assert (tmp_path / "used" / "config.json").exists()
+  (tmp_path / "old").mkdir()
+  with workdir_lib.lock(tmp_path / "old"):
+    pass
+  assert (tmp_path / "old").is_dir()   # it was there before: kept
+
+
 def test_lock_on_an_unwritable_workdir_is_one_sentence(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("not a directory")
