@@ -71,7 +71,8 @@ def validate_training(config, device_count=1):
   found, optim = present("optim")
   for key in sorted(optim.keys()) if found and hasattr(optim, "keys") else []:
     value = optim[key]
-    if key == "lr" or key.endswith("_lr") or key.startswith("lr_"):
+    is_rate = key == "lr" or key.endswith("_lr") or key.startswith("lr_")
+    if is_rate and not isinstance(value, bool):   # per_epoch_lr is a switch, not a rate
       if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
           math.isfinite(value) and value > 0):
         raise ValueError(f"config.optim.{key}={value!r} must be a finite number > 0.")
