@@ -145,3 +145,19 @@ def test_reference_labels_and_latex(capsys):
   assert "warning" not in captured.err
   tex = report.latex_table(["a_1", "b"], [cohen, shuffled], (0.0, 0.5))
   assert "a\\_1" in tex and "\\textbf{" in tex and tex.count("\\\\") == 4
+
+
+@pytest.mark.parametrize("root", ["local", "gs"])
+def test_merge_joins_the_parts_and_their_counts(tmp_path, gcs, root):
+  folder = str(tmp_path) if root == "local" else "gs://bucket/merge"
+  path = f"{folder}/certify_sigma0.5.tsv"
+  for k, indices in ((0, [0, 2]), (1, [1])):
+    with certlog.LogWriter(certlog.process_log_path(path, k, 2)) as writer:
+      for i in indices:
+        writer.write(i, 1, 1, True, 0.1, radius=0.3, counts=([0, 5], [1, 50 + i]))
+  assert sorted(certlog.read_counts(path)) == [0, 1, 2]   # read through the parts
+  assert certlog.merge_logs(path) == 3
+  lines = _text(certlog.counts_path(path)).splitlines()
+  assert [json.loads(line)["idx"] for line in lines] == [0, 1, 2]
+  assert json.loads(lines[1])["counts"] == [1, 51]
+  assert certlog.read_log(path)["idx"].tolist() == [0, 1, 2]
