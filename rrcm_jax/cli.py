@@ -43,7 +43,7 @@ def run(main, argv, workdir_help="directory for checkpoints, logs and metrics (l
       main(args)
     except Exception as e:  # pylint: disable=broad-except  (each becomes a status, see explain)
       message, status = explain(e)
-      if status == EX_FAILURE and not _is_environment_error(e):
+      if not anticipated(e):
         traceback.print_exc()   # unexpected: the traceback is for whoever fixes it
       prefix = "" if status == loop.EX_TEMPFAIL else "error: "   # "preempted: ..., rerun"
       print(f"{prefix}{message}", file=sys.stderr, flush=True)
@@ -182,10 +182,6 @@ def _os_error(error):
   return f"{reason.lower()}:{target or ' ' + _one_line(error)}.", EX_FAILURE
 
 
-def _is_environment_error(error):
-  return isinstance(error, OSError) and error.errno is not None
-
-
 def explain(error):
   """(one-sentence message, exit status) for an exception that ended a run."""
   if isinstance(error, loop.Preempted):
@@ -212,4 +208,13 @@ def explain(error):
     return f"reading or writing a checkpoint in {where} failed ({first}).", EX_FAILURE
   if isinstance(error, (ValueError, FloatingPointError)):
     return _one_line(error), EX_USAGE
-  return f"{type(error).__name__}: {_one_line(error)[:500]}", EX_FAILURE
+  return _unexpected(error), EX_FAILURE
+
+
+def _unexpected(error):
+  return f"{type(error).__name__}: {_one_line(error)[:500]}"
+
+
+def anticipated(error):
+  """Whether `explain` has a sentence for `error` of its own (else the traceback helps)."""
+  return explain(error)[0] != _unexpected(error)

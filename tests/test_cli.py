@@ -48,6 +48,7 @@ def test_each_kind_of_error_has_its_own_status():
                       "other": 1}
   message, _ = cli.explain(loop.Preempted(7))
   assert "step 7" in message and "rerun" in message
+  assert cli.anticipated(ValueError("x")) and not cli.anticipated(RuntimeError("boom"))
 
 
 def _write_rows_until_full(path, rows):
