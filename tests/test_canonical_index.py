@@ -87,3 +87,27 @@ def test_datasets_without_ids_keep_their_order():
   assert pipelines.canonical_indices(cfg, "test") is None
   assert [i for i, _, _ in pipelines.certification_subset(cfg, split="test", every=7)] == [
       0, 7, 14, 21, 28]
+
+
+def test_imagenet_val_is_indexed_in_imagefolder_order():
+  """(label, file name) order: ImageFolder's over val/<wnid>/ILSVRC2012_val_*.JPEG."""
+  rng = np.random.default_rng(1)
+  num = 24
+  labels = rng.integers(0, 3, num)
+  names = np.array([f"ILSVRC2012_val_{k + 1:08d}.JPEG" for k in rng.permutation(num)])
+
+  def as_dataset(self, split, decoders=None, read_config=None, shuffle_files=False):
+    del self, read_config, shuffle_files
+    assert str(split).startswith("validation")
+    images = np.zeros((num, 8, 8, 3), np.uint8)
+    ds = tf.data.Dataset.from_tensor_slices(
+        {"file_name": names, "image": images, "label": labels.astype(np.int64)})
+    if decoders and "image" in decoders:
+      ds = ds.map(lambda ex: dict(ex, image=tf.io.encode_jpeg(ex["image"])))
+    return ds
+
+  cfg = common.data_config("imagenet2012", image_size=8, channels=3, num_classes=1000)
+  with tfds.testing.mock_data(as_dataset_fn=as_dataset):
+    index = pipelines.canonical_indices(cfg, "validation")
+  imagefolder = sorted(range(num), key=lambda k: (labels[k], names[k]))
+  assert [int(index[k]) for k in imagefolder] == list(range(num))

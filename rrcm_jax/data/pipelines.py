@@ -103,23 +103,35 @@ _CANONICAL_ID = re.compile(r"^(?:[a-z]+_?)?(\d+)$")   # CIFAR's "test_00042" -> 
 
 
 def canonical_indices(data_cfg, split):
-  """int64 [N] or None: the original files' index of each example of the named `split`, in
-  TFDS's (shuffled) order, from the dataset's `id` feature ("test_00042" -> 42: CIFAR-10/100,
-  whose TFDS builder numbers the examples in the order of the python batches, the order of
-  torchvision and Cohen et al.). None when the dataset has no such ids (its TFDS order is
-  then the only one known) or is not TFDS."""
+  """int64 [N] or None: the original order's index of each example of the named `split`,
+  listed in TFDS's (shuffled) order. CIFAR-10/100: the `id` feature ("test_00042" -> 42;
+  TFDS numbers the examples in the order of the python batches, torchvision's and Cohen
+  et al.'s). ImageNet (a `file_name` feature): the rank of (label, file name), the order of
+  torchvision's ImageFolder over class folders (TFDS's labels are the sorted WordNet ids,
+  ImageFolder's classes). None when the dataset has neither (its TFDS order is then the
+  only one known) or is not TFDS."""
   if data_cfg.name in ("synthetic", "folder") or split not in sources.split_names(split):
     return None
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = sources._tfds_builder(data_cfg.name, data_cfg.get("data_dir", None))  # pylint: disable=protected-access
-  if "id" not in builder.info.features:
+  features = builder.info.features
+  image_key, label_key = builder.info.supervised_keys or ("image", "label")
+  key = "id" if "id" in features else "file_name" if "file_name" in features else None
+  if key is None:
     return None
-  image_key = (builder.info.supervised_keys or ("image", "label"))[0]
   ds = builder.as_dataset(split=split, shuffle_files=False,
                           decoders={image_key: tfds.decode.SkipDecoding()})
-  ids = [bytes(i).decode() for i in ds.map(lambda ex: ex["id"]).as_numpy_iterator()]
-  matches = [_CANONICAL_ID.match(i) for i in ids]
-  if not ids or not all(matches):
+  rows = [(bytes(name).decode(), int(label)) for name, label in
+          ds.map(lambda ex: (ex[key], ex[label_key])).as_numpy_iterator()]
+  if not rows:
+    return None
+  if key == "file_name":
+    order = sorted(range(len(rows)), key=lambda k: (rows[k][1], rows[k][0]))
+    index = np.empty(len(rows), np.int64)
+    index[order] = np.arange(len(rows))
+    return index
+  matches = [_CANONICAL_ID.match(name) for name, _ in rows]
+  if not all(matches):
     return None
   index = np.array([int(m.group(1)) for m in matches], np.int64)
   if len(set(index.tolist())) != len(index):
