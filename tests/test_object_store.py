@@ -161,3 +161,18 @@ def test_merge_joins_the_parts_and_their_counts(tmp_path, gcs, root):
   assert [json.loads(line)["idx"] for line in lines] == [0, 1, 2]
   assert json.loads(lines[1])["counts"] == [1, 51]
   assert certlog.read_log(path)["idx"].tolist() == [0, 1, 2]
+
+
+def test_predict_logs_recompute_from_their_counts(tmp_path):
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "predict_sigma0.25.tsv")
+  with certlog.LogWriter(path, mode="predict") as writer:
+    writer.write(0, 0, -1, False, 0.1, counts=(None, [60, 40, 0]))
+    writer.write(1, 2, 2, True, 0.1, counts=(None, [0, 1, 99]))
+  assert json.loads(_text(certlog.counts_path(path)).splitlines()[0])["n0_counts"] is None
+  log = certlog.read_log(path)
+  p_value = stats.binomtest(60, 100, 0.5).pvalue
+  for alpha in (p_value / 2, 2 * p_value):
+    again = report.recompute(log, certlog.read_counts(path), None, alpha)
+    assert again["predict"].tolist() == [0 if alpha > p_value else -1, 2]
+    assert again["correct"].tolist() == [alpha > p_value, True]
