@@ -4,6 +4,7 @@ depend on are those of the workdir's config.json (`check_resume`).
 
 Each raises ValueError with one sentence naming the key, its value and what is allowed.
 """
+import copy
 import json
 import math
 
@@ -126,6 +127,37 @@ def binding_differences(saved, config, allow=()):
   return differences
 
 
+def _with_saved_values(config, saved, keys):
+  """A copy of `config` with the dotted `keys` set back to their `saved` values; values that
+  follow them through references (the warm-up that follows total_steps) follow again."""
+  probe = copy.deepcopy(config)
+  old = _flat(saved)
+  with probe.unlocked():
+    for key in keys:
+      section, _, name = key.rpartition(".")
+      try:
+        target = _get(probe, section) if section else probe
+        target[name] = old[key]
+      except (KeyError, TypeError, ValueError, AttributeError):
+        pass   # a key this config lacks, or a value its type refuses: compared as it is
+  return probe
+
+
+def unexplained_differences(saved, config, allow=()):
+  """`binding_differences` left once the allowed keys (and what follows them) are set back
+  to their saved values, the key that explains most others first: with total_steps changed,
+  total_steps is named rather than the warm-up that follows it."""
+  allowed = [key for key in _flat(saved) if _allowed(key, allow)]
+  if allowed:
+    config = _with_saved_values(config, saved, allowed)
+  differences = binding_differences(saved, config, allow)
+  if len(differences) <= 1:
+    return differences
+  left = {d[0]: len(binding_differences(saved, _with_saved_values(config, saved, [d[0]]), allow))
+          for d in differences}
+  return sorted(differences, key=lambda d: left[d[0]])
+
+
 def _has_checkpoints(workdir):
   directory = epath.Path(workdir) / "checkpoints"
   return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
@@ -144,7 +176,7 @@ def check_resume(workdir, config):
   except ValueError as e:
     raise ValueError(f"{path} is not valid JSON ({e}); restore it, or move the workdir aside "
                      "to start again.") from None
-  differences = binding_differences(saved, config, allow)
+  differences = unexplained_differences(saved, config, allow)
   if differences:
     key, old, new = differences[0]
     more = f" (and {len(differences) - 1} more)" if len(differences) > 1 else ""

@@ -214,6 +214,21 @@ def test_a_resumed_run_with_other_binding_settings_stops_unless_allowed(tmp_path
     config_checks.check_resume(workdir, changed)
 
 
+def test_allowing_total_steps_allows_what_follows_it(tmp_path):
+  workdir = _resumable_workdir(tmp_path, _pretrain())
+  longer = _pretrain()
+  longer.total_steps = 3 * longer.total_steps   # the warm-up and EMA horizons follow it
+  with pytest.raises(ValueError, match=r"made with total_steps=\d+ and this run has "
+                     r"total_steps=\d+ \(and \d+ more\); .*allow_changes=total_steps\.$"):
+    config_checks.check_resume(workdir, longer)
+  longer.allow_changes = "total_steps"
+  config_checks.check_resume(workdir, longer)
+  longer.optim.warmup_steps = 3   # set by hand: not explained by total_steps
+  with pytest.raises(ValueError, match=r"optim.warmup_steps=\d+ and this run has "
+                     r"optim.warmup_steps=3;"):
+    config_checks.check_resume(workdir, longer)
+
+
 def test_a_fresh_workdir_or_one_without_checkpoints_is_not_checked(tmp_path):
   (tmp_path / "config.json").write_text(_pretrain().to_json_best_effort())
   changed = _pretrain()
