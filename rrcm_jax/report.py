@@ -281,6 +281,8 @@ def _parser():
                       help="pixel-space sigma for --alpha (default: the log's settings)")
   parser.add_argument("--rho", type=float, default=None,
                       help="also print Cohen et al.'s high-probability accuracy at this rho")
+  parser.add_argument("--log-alpha", type=float, default=None,
+                      help="for --rho: the alpha of logs without recorded settings (Cohen's: 0.001)")
   parser.add_argument("--reference", default=None,
                       help="a log whose labels ours must share (e.g. Cohen et al.'s)")
   return parser
@@ -307,10 +309,12 @@ def main(argv=None):
     if len(labels) != len(args.logs):
       raise ValueError(f"--labels must give one label per log ({len(args.logs)}), got {len(labels)}.")
     loaded = [_load(path, args.alpha, args.sigma) for path in args.logs]
-    logs, alphas = [log for log, _ in loaded], [a for _, a in loaded]
+    logs = [log for log, _ in loaded]
+    alphas = [args.log_alpha if a is None else a for _, a in loaded]
     check_finite_radii(labels, logs)
     if args.rho is not None and None in alphas:
-      raise ValueError("--rho needs each log's alpha: give --alpha, or logs with recorded settings.")
+      raise ValueError("--rho needs each log's alpha: logs without recorded settings (such as "
+                       "Cohen et al.'s) take it from --log-alpha.")
     reference = certlog.read_log(args.reference) if args.reference else None
   except (ValueError, OSError) as e:
     parser.exit(2, f"error: {e}\n")

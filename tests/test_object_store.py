@@ -143,6 +143,10 @@ def test_reference_labels_and_latex(capsys):
                "--radii", "0,0.5"])
   captured = capsys.readouterr()
   assert "warning" not in captured.err
+  report.main([COHEN_CIFAR, "--radii", "0", "--rho", "0.01", "--log-alpha", "0.001"])
+  accuracy = float(np.mean(cohen["correct"]))
+  bound = report.high_probability_accuracy(accuracy, len(cohen["idx"]), 0.001, 0.01)
+  assert f"| 0.001 | {bound:.3f} |" in capsys.readouterr().out
   tex = report.latex_table(["a_1", "b"], [cohen, shuffled], (0.0, 0.5))
   assert "a\\_1" in tex and "\\textbf{" in tex and tex.count("\\\\") == 4
 
