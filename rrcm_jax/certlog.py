@@ -35,12 +35,16 @@ sees the previous or the new version, never a torn row). Rewriting costs
 O(rows) per image, well below one image's sampling for logs of 10^4 images.
 """
 import json
-import os
 import re
 import sys
 
 import numpy as np
 from etils import epath
+
+from rrcm_jax.textfiles import Appender as _Appender
+from rrcm_jax.textfiles import nonempty as _nonempty
+from rrcm_jax.textfiles import read_text as _read_text
+from rrcm_jax.textfiles import write_whole as _write_whole
 
 COLUMNS = {
     "certify": ("idx", "label", "predict", "radius", "correct", "time"),
@@ -69,67 +73,6 @@ def parse_time(text):
     return float(text)
   days, hours, minutes, seconds = match.groups()
   return int(days or 0) * 86400 + int(hours) * 3600 + int(minutes) * 60 + float(seconds)
-
-
-# ----------------------------------------------------------------------------
-# Files: local or object store, through epath.
-# ----------------------------------------------------------------------------
-def is_local(path):
-  """True for a local path, False for an object store URI (gs://, s3://, ...)."""
-  return "://" not in str(path)
-
-
-def _nonempty(path):
-  path = epath.Path(path)
-  return path.exists() and path.stat().length > 0
-
-
-def _read_text(path):
-  return epath.Path(path).read_bytes().decode(errors="replace")
-
-
-def _write_whole(path, data):
-  """Replaces the file at `path` by `data` (str or bytes) atomically: a temporary file and
-  a rename on local disks; one object write on object stores (atomic there; their renames
-  are copies)."""
-  path = epath.Path(path)
-  data = data.encode() if isinstance(data, str) else data
-  if not is_local(path):
-    path.write_bytes(data)
-    return
-  temporary = path.parent / (path.name + ".writing")
-  with temporary.open("wb") as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  temporary.replace(path)
-
-
-class _Appender:
-  """Appends text to a file and makes it durable at once: append, flush and fsync on local
-  disks; on object stores the whole text is kept here and written again (see above)."""
-
-  def __init__(self, path):
-    self.path = epath.Path(path)
-    if is_local(path):   # unbuffered: a failed write (full disk) leaves nothing pending
-      self._file, self._text = open(self.path, "ab", buffering=0), None
-    else:
-      self._file = None
-      self._text = _read_text(path) if self.path.exists() else ""
-
-  def append(self, text):
-    if self._file is None:
-      self._text += text
-      self.path.write_text(self._text)
-      return
-    data = text.encode()
-    while data:   # a raw write may take part of the data; the next raises (e.g. ENOSPC)
-      data = data[self._file.write(data):]
-    os.fsync(self._file.fileno())
-
-  def close(self):
-    if self._file is not None:
-      self._file.close()
 
 
 def stem(path):
