@@ -20,6 +20,8 @@ import uuid
 import jax
 from etils import epath
 
+from rrcm_jax import textfiles
+
 
 def code_version():
   """The git commit of the code that runs (with "+dirty" for local changes), or "unknown".
@@ -72,14 +74,13 @@ def record_run(workdir, config, argv=None):
 
 
 def append_line(path, line):
-  """Appends `line` and a newline to the file at `path` (local or object store). Object
-  stores cannot append: there the object is read and written again whole (atomic)."""
-  path = epath.Path(path)
-  if "://" not in str(path):
-    with path.open("a") as f:
-      f.write(line + "\n")
-    return
-  path.write_text((path.read_text() if path.exists() else "") + line + "\n")
+  """Appends `line` and a newline to the file at `path` durably, on a local disk or an
+  object store (which cannot append: `textfiles.Appender` writes the object again whole)."""
+  appender = textfiles.Appender(path)
+  try:
+    appender.append(line + "\n")
+  finally:
+    appender.close()
 
 
 class JsonLinesWriter:
@@ -95,8 +96,7 @@ class JsonLinesWriter:
 
   def write_scalars(self, step, scalars):
     row = dict(step=int(step), **{k: float(v) for k, v in scalars.items()})
-    with self.path.open("a") as f:
-      f.write(json.dumps(row) + "\n")
+    append_line(self.path, json.dumps(row))
 
   def write_hparams(self, hparams):
     self.hparams_path.write_text(json.dumps(hparams, indent=2, sort_keys=True, default=str))
