@@ -9,20 +9,22 @@ raw-pixel baseline as a dashed line. The rows come from the monitor
 them as a table (step, then one column per metric).
 """
 import argparse
+import io
 import json
-import os
 import sys
+
+from etils import epath
 
 
 def knn_rows(workdir):
   """{metric: [(step, value)]} of every knn/<encoder>/<level> key in WORKDIR/metrics.jsonl,
   by step (a resumed run's repeated step keeps its last value)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / "metrics.jsonl"   # local or gs://
+  if not path.exists():
     raise ValueError(f"{path} does not exist; pass a pre-training workdir.")
   series = {}
-  with open(path) as f:
-    for line in f:
+  for line in path.read_text().splitlines():
+    if line.strip():
       row = json.loads(line)
       for key, value in row.items():
         if key.startswith("knn/") and key.count("/") == 2:
@@ -67,7 +69,9 @@ def plot(series, path, title=None):
   if title:
     figure.suptitle(title)
   figure.tight_layout()
-  figure.savefig(path, dpi=120)
+  buffer = io.BytesIO()
+  figure.savefig(buffer, dpi=120, format=str(path).rsplit(".", 1)[-1])
+  epath.Path(path).write_bytes(buffer.getvalue())
   return path
 
 
@@ -75,11 +79,10 @@ def write_csv(series, path):
   keys = sorted(series)
   steps = sorted({s for v in series.values() for s, _ in v})
   values = {k: dict(v) for k, v in series.items()}
-  with open(path, "w") as f:
-    f.write(",".join(["step"] + keys) + "\n")
-    for s in steps:
-      f.write(",".join([str(s)] + [f"{values[k][s]:.4f}" if s in values[k] else "" for k in keys])
-              + "\n")
+  lines = [",".join(["step"] + keys)]
+  lines += [",".join([str(s)] + [f"{values[k][s]:.4f}" if s in values[k] else "" for k in keys])
+            for s in steps]
+  epath.Path(path).write_text("\n".join(lines) + "\n")
 
 
 def main(argv=None):

@@ -30,6 +30,7 @@ import time
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
 from rrcm_jax import checkpoints, parallel, pretrain_step, schedules
 from rrcm_jax.evaluators import knn
@@ -177,8 +178,7 @@ def main(argv=None):
   for name in list(encoders) + ["pixels"]:
     print(f"| {name} | " + " | ".join(f"{100 * row[f'knn/{name}/{n}']:.1f}" for n in levels) + " |")
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump(dict(row, step=step), f, indent=2)
+    epath.Path(args.json).write_text(json.dumps(dict(row, step=step), indent=2))
 
 
 if __name__ == "__main__":
