@@ -52,7 +52,7 @@ def run(main, argv, workdir_help="directory for checkpoints, logs and metrics (l
   def parse(args):   # an unknown or ill-typed key becomes one sentence, not a traceback
     try:
       parsed = flags.FLAGS(args)
-      flags.FLAGS.config   # pylint: disable=pointless-statement  (loads the file now)
+      flags.FLAGS.config.keys()   # a file that failed to load raises here, not in main
       return parsed
     except Exception as e:  # pylint: disable=broad-except
       print(f"error: {command_line_error(e, args)}", file=sys.stderr, flush=True)

@@ -265,9 +265,12 @@ def test_cli_statuses_and_nothing_written_on_bad_input(tmp_path):
   proc = _cli("rrcm_jax.pretrain", fresh, "--config.log_every=0")
   assert proc.returncode == 2 and "config.log_every=0 must be" in _last_line(proc)
   assert not fresh.exists()
-  # an unknown key
+  # an unknown key, a missing config file
   proc = _cli("rrcm_jax.pretrain", fresh, "--config.log_evry=5")
   assert proc.returncode == 2 and "unknown" in _last_line(proc)
+  proc = _cli("rrcm_jax.certify", fresh, config="configs/nope.py")
+  assert proc.returncode == 2 and "no such config file 'configs/nope.py'" in _last_line(proc)
+  assert "Traceback" not in proc.stderr and not fresh.exists()
   # a workdir holding a run: an unknown dataset leaves its config.json as it was
   done = tmp_path / "done"
   done.mkdir()
