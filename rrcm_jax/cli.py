@@ -168,6 +168,12 @@ def _dataset_not_found(error):
 _DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
+def _path_in_text(text):
+  """The first absolute path or gs:// URI in an error message, or None."""
+  found = re.search(r"((?:gs://|/)[^\s\"';,]+)", text)
+  return found.group(1) if found else None
+
+
 def _os_error(error):
   where = file_in_traceback(error)
   if error.errno in _DISK_FULL:
@@ -186,6 +192,17 @@ def explain(error):
   """(one-sentence message, exit status) for an exception that ended a run."""
   if isinstance(error, loop.Preempted):
     return _one_line(error), loop.EX_TEMPFAIL
+  chain = _chain(error)   # a full disk, also when a writer thread's error wraps it
+  for cause in chain:
+    if isinstance(cause, OSError) and cause.errno in _DISK_FULL:
+      return _os_error(cause)
+  for cause in chain:
+    if "No space left on device" in str(cause):   # TensorStore's, TensorFlow's: no errno
+      where = file_in_traceback(cause) or _path_in_text(str(cause)) or "the workdir"
+      return (f"no space left on device while writing {where}; what was written before is "
+              "intact: free space and rerun the same command to resume."), EX_FAILURE
+  if type(error).__name__ == "AsyncError" and (error.__cause__ or error.__context__):
+    return explain(error.__cause__ or error.__context__)   # CLU's writer thread: its error
   dataset = _dataset_not_found(error)
   if dataset is not None:
     return unknown_dataset(dataset), EX_USAGE
@@ -197,10 +214,6 @@ def explain(error):
     return _one_line(error), int(error.exit_code)
   if isinstance(error, OSError) and error.errno is not None:
     return _os_error(error)
-  if "No space left on device" in str(error):   # TensorStore's and Orbax's, without errno
-    where = file_in_traceback(error) or "the workdir"
-    return (f"no space left on device while writing {where}; what was written before is "
-            "intact: free space and rerun the same command to resume."), EX_FAILURE
   modules = _traceback_modules(error)
   if any(m.startswith(("orbax", "tensorstore")) for m in modules):
     where = file_in_traceback(error) or "its checkpoint directory"

@@ -512,3 +512,22 @@ def test_metrics_on_a_full_disk_are_one_sentence_and_keep_every_row(full_disk):
   assert [r["step"] for r in rows][:len(written)] == written
   free()
 
+
+
+def test_the_trainers_asynchronous_metrics_writer_on_a_full_disk_is_one_sentence(full_disk):
+  from rrcm_jax import cli  # pylint: disable=g-import-not-at-top
+  directory, fill, free = full_disk
+  if not (directory / "filler").parent.is_mount():
+    pytest.skip("needs a small tmpfs (root)")
+  writer = workdir_lib.MetricsWriter(directory)   # CLU's writer thread where CLU is installed
+  fill()
+  with pytest.raises(Exception) as error:
+    for step in range(1_000_000):
+      writer.write(step, {"loss": 1.0, "images_per_s": 123.25})
+    writer.close()
+  message, status = cli.explain(error.value)
+  assert message.startswith(f"no space left on device while writing {directory}/"), message
+  assert "\n" not in message and status == 1
+  steps = [r["step"] for r in workdir_lib.read_metrics(directory)]
+  assert steps == list(range(len(steps))) and steps   # every row before the full disk
+  free()
