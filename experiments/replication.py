@@ -160,13 +160,14 @@ def run_stage(root, stage, overrides, env, progress="", complete=None):
   if complete is None:
     complete = lambda: is_complete(stage, [dict(stage=stage.name, status="done")])
   complete = returncode == 0 and complete()
-  status = "done" if complete else "failed" if returncode else "stopped"
+  preempted = returncode == 75   # EX_TEMPFAIL: checkpointed on SIGTERM, rerun to resume
+  status = "done" if complete else "failed" if returncode and not preempted else "stopped"
   append_record(root, status=status, returncode=returncode, wall_s=round(time.time() - start, 1),
                 **record)
-  if returncode:
+  if returncode and not preempted:
     raise RuntimeError(f"stage {stage.name} failed (exit {returncode}); its command is in "
                        f"{root}/stages.jsonl. Fix the cause and run the same command to resume.")
-  if not complete:   # e.g. SIGTERM sent to the stage itself: it checkpointed and stopped
+  if not complete:   # SIGTERM sent to the stage itself: it checkpointed and exited 75
     raise Interrupted(f"stage {stage.name} stopped before completing; run the same command "
                       "to resume.")
 
