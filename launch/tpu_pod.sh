@@ -16,7 +16,8 @@
 #   2. ship the code: the working tree (files git tracks or does not ignore) is packed
 #      into one archive and copied to every worker (`tpu-vm scp --worker=all`), or with
 #      --repo URL every worker clones it;
-#   3. install on every worker: `pip install -U "jax[tpu]"` and `pip install -e ".[data]"`;
+#   3. install on every worker: `pip install -c requirements/constraints.txt "jax[tpu]"` and
+#      `pip install -c requirements/constraints.txt -e ".[data]"` (the tested versions);
 #   4. run COMMAND on every worker at once (`tpu-vm ssh --worker=all`) from the code
 #      directory with RRCM_DISTRIBUTED=1, so that jax.distributed.initialize() finds the
 #      slice's other workers on its own. Each worker's output goes to
@@ -257,7 +258,8 @@ ship_and_install() {
   # pip falls back to a user install on the TPU image; `python` may be missing there,
   # so ~/.local/bin gets a python -> python3 link for commands that say `python`.
   install="set -euo pipefail; $fetch; cd ~/$REMOTE_DIR; python3 -m pip install -U pip;"
-  install+=" python3 -m pip install -U \"jax[tpu]\"; python3 -m pip install -e \".[data]\";"
+  install+=" python3 -m pip install -c requirements/constraints.txt \"jax[tpu]\";"
+  install+=" python3 -m pip install -c requirements/constraints.txt -e \".[data]\";"
   install+=" mkdir -p ~/.local/bin; command -v python >/dev/null || ln -sf \"\$(command -v python3)\" ~/.local/bin/python"
   run gcloud compute tpus tpu-vm ssh "$NAME" "${WHERE[@]}" --worker=all --command="$install"
 }

@@ -38,6 +38,11 @@ FINETUNE_CONFIGS = {f"configs/{d}_finetune.py:sigma={s}" for d in ("cifar10", "i
                     for s in SIGMAS}
 CERTIFY_CONFIGS = {f"configs/{d}_certify.py:sigma={s}" for d in ("cifar10", "imagenet")
                    for s in SIGMAS}
+DDS_CONFIGS = {f"configs/{d}_dds_certify.py:sigma={s}" for d in ("cifar10", "imagenet")
+               for s in SIGMAS}
+DDS_FILES = {"cifar10": ("cifar10_uncond_50M_500K.pt",
+                         "vit-base-patch16-224-in21k-finetuned-cifar10/model.safetensors"),
+             "imagenet": ("256x256_diffusion_uncond.pt", "beit_large_patch16_512/model.safetensors")}
 
 
 def run(args, env=None, cwd=REPO):
@@ -94,7 +99,9 @@ def test_tpu_dry_run_spot_commands():
   assert install[6:9] == [*where, "--worker=all"]
   setup = flag(install, "--command")
   assert "tar -xzf ~/rrcm-jax.tar.gz -C ~/rrcm-jax" in setup
-  assert 'pip install -U "jax[tpu]"' in setup and 'pip install -e ".[data]"' in setup
+  # Installs keep to the versions the tests passed with.
+  assert 'pip install -c requirements/constraints.txt "jax[tpu]"' in setup
+  assert 'pip install -c requirements/constraints.txt -e ".[data]"' in setup
   assert launch[:9] == install[:9]
   assert flag(launch, "--output-directory") == "logs/rrcm-b"
   remote = flag(launch, "--command")
@@ -526,9 +533,9 @@ def test_paper_rows_cover_every_result():
   rows = paper_rows()
   assert len(rows) == len(set(rows))
   stages = [row.split("-")[0] for row in rows]
-  assert (stages.count("pretrain"), stages.count("finetune"), stages.count("certify")) == (3, 6, 6)
+  assert [stages.count(s) for s in ("pretrain", "finetune", "certify", "dds")] == [3, 6, 6, 6]
   configs = {flag(paper_command(row), "--config") for row in rows}
-  assert configs == PRETRAIN_CONFIGS | FINETUNE_CONFIGS | CERTIFY_CONFIGS
+  assert configs == PRETRAIN_CONFIGS | FINETUNE_CONFIGS | CERTIFY_CONFIGS | DDS_CONFIGS
 
 
 def test_paper_commands_chain_workdirs():
@@ -536,8 +543,17 @@ def test_paper_commands_chain_workdirs():
   for row in paper_rows():
     command = paper_command(row, root=root + "/")
     stage = row.split("-")[0]
-    assert command[:3] == ["python", "-m", f"rrcm_jax.{stage}"]
     assert flag(command, "--workdir") == f"{root}/{row}"
+    if stage == "dds":   # the public models of diffusion denoised smoothing, from RRCM_PUBLIC
+      dataset, sigma = row.split("-")[1:]
+      assert command[:3] == ["python", "-m", "rrcm_jax.certify"]
+      assert flag(command, "--config") == f"configs/{dataset}_dds_certify.py:sigma={sigma}"
+      denoiser, classifier = DDS_FILES[dataset]
+      assert flag(command, "--config.dds.denoiser") == f"{root}/public/{denoiser}"
+      assert flag(command, "--config.dds.classifier_checkpoint") == f"{root}/public/{classifier}"
+      assert not any(w.startswith("--config.init_from=") for w in command)
+      continue
+    assert command[:3] == ["python", "-m", f"rrcm_jax.{stage}"]
     if stage == "pretrain":
       assert not any(w.startswith("--config.init_from=") for w in command)
       continue
