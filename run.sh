@@ -52,11 +52,10 @@ setup() {
   if ! "$VENV/bin/python" -c "import rrcm_jax, tensorflow_datasets, pytest, torch" 2>/dev/null; then
     stamp "installing rrcm-jax with its test, data and torch extras (first run only)"
     "$VENV/bin/pip" install -q -U pip
-    # torch reads the authors' .pth checkpoints and the baselines' classifiers; its CPU build
-    # is enough. Versions the tests passed with (requirements/constraints.txt). torch's CPU wheel: the
-    # default (CUDA) wheel brings triton, whose import after TensorFlow's crashes the process.
-    "$VENV/bin/pip" install -q -c requirements/constraints.txt -e ".[test,torch]" "torch==2.13.0+cpu" \
-      || "$VENV/bin/pip" install -q -c requirements/constraints.txt -e ".[test,torch]"
+    # torch reads the authors' .pth checkpoints and the baselines' classifiers. The versions
+    # are the ones the tests passed with (requirements/constraints.txt); this index offers
+    # no CPU build of torchvision (which timm needs), so torch is its default build.
+    "$VENV/bin/pip" install -q -c requirements/constraints.txt -e ".[test,torch]"
   fi
   if [ ! -d /usr/share/datasets/fashion-mnist ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
