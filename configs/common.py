@@ -414,7 +414,8 @@ def diffusion_config(data, unet, schedule, *, total_steps, batch_size, lr, warmu
       warmup_steps=warmup_steps,
       decay="constant",                   # after warm-up: "constant" or "cosine" (to 0)
   ))
-  config.ema_rate = ema_rate              # the EMA weights that denoising uses
+  config.ema_rate = ema_rate              # the EMA weights that denoising uses (debiased)
+  config.allow_changes = ""               # binding keys a resumed run may change ("total_steps")
   config.diffusion = ml_collections.ConfigDict(dict(
       noise_schedule=schedule["noise_schedule"], num_steps=schedule["num_steps"],
       rescale_timesteps=schedule["rescale_timesteps"]))

@@ -13,6 +13,13 @@
 # root) and may be a gs:// path. A training row re-run with the same workdir resumes
 # from its newest checkpoint.
 #
+# The dds-* rows certify diffusion denoised smoothing (Carlini et al. 2023) with the
+# public denoiser and classifier of each dataset, read from $RRCM_PUBLIC (default
+# $RRCM_ROOT/public): cifar10_uncond_50M_500K.pt (improved-diffusion) and
+# vit-base-patch16-224-in21k-finetuned-cifar10/model.safetensors (Hugging Face);
+# 256x256_diffusion_uncond.pt (guided-diffusion) and
+# beit_large_patch16_512/model.safetensors (timm). README.md, "Diffusion denoised smoothing".
+#
 # Launchers (LAUNCHER ARGS go to them; FLAGS after '--' go to the rrcm-jax command,
 # e.g. -- --config.data.data_dir=gs://my-bucket/tfds):
 #   gpu    launch/gpu_local.sh: this host, all its GPUs, one process (the default);
@@ -34,7 +41,8 @@ LAUNCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(dirname "$LAUNCH_DIR")"
 readonly LAUNCH_DIR REPO_ROOT
 
-# name|entry point|config|row whose workdir is --config.init_from|what it produces
+# name|entry point|config|row whose workdir is --config.init_from (or dds:DENOISER:CLASSIFIER,
+# files under $RRCM_PUBLIC)|what it produces
 readonly ROWS=(
   "pretrain-cifar10-rcmb|pretrain|configs/cifar10_pretrain_rcmb.py||CIFAR-10 RCM-B pre-training (batch 2048, 300k steps)"
   "pretrain-imagenet-rcmb|pretrain|configs/imagenet_pretrain_rcmb.py||ImageNet RCM-B pre-training (batch 4096, 600k steps)"
@@ -51,6 +59,12 @@ readonly ROWS=(
   "certify-imagenet-0.25|certify|configs/imagenet_certify.py:sigma=0.25|finetune-imagenet-0.25|ImageNet certified accuracy at sigma 0.25 (500 images, n=100,000)"
   "certify-imagenet-0.5|certify|configs/imagenet_certify.py:sigma=0.5|finetune-imagenet-0.5|ImageNet certified accuracy at sigma 0.5 (500 images, n=100,000)"
   "certify-imagenet-1.0|certify|configs/imagenet_certify.py:sigma=1.0|finetune-imagenet-1.0|ImageNet certified accuracy at sigma 1.0 (500 images, n=100,000)"
+  "dds-cifar10-0.25|certify|configs/cifar10_dds_certify.py:sigma=0.25|dds:cifar10_uncond_50M_500K.pt:vit-base-patch16-224-in21k-finetuned-cifar10/model.safetensors|CIFAR-10 DDS certified accuracy at sigma 0.25 (public denoiser and classifier, 500 images, n=100,000)"
+  "dds-cifar10-0.5|certify|configs/cifar10_dds_certify.py:sigma=0.5|dds:cifar10_uncond_50M_500K.pt:vit-base-patch16-224-in21k-finetuned-cifar10/model.safetensors|CIFAR-10 DDS certified accuracy at sigma 0.5 (public denoiser and classifier, 500 images, n=100,000)"
+  "dds-cifar10-1.0|certify|configs/cifar10_dds_certify.py:sigma=1.0|dds:cifar10_uncond_50M_500K.pt:vit-base-patch16-224-in21k-finetuned-cifar10/model.safetensors|CIFAR-10 DDS certified accuracy at sigma 1.0 (public denoiser and classifier, 500 images, n=100,000)"
+  "dds-imagenet-0.25|certify|configs/imagenet_dds_certify.py:sigma=0.25|dds:256x256_diffusion_uncond.pt:beit_large_patch16_512/model.safetensors|ImageNet DDS certified accuracy at sigma 0.25 (public denoiser and classifier, 500 images, n=100,000)"
+  "dds-imagenet-0.5|certify|configs/imagenet_dds_certify.py:sigma=0.5|dds:256x256_diffusion_uncond.pt:beit_large_patch16_512/model.safetensors|ImageNet DDS certified accuracy at sigma 0.5 (public denoiser and classifier, 500 images, n=100,000)"
+  "dds-imagenet-1.0|certify|configs/imagenet_dds_certify.py:sigma=1.0|dds:256x256_diffusion_uncond.pt:beit_large_patch16_512/model.safetensors|ImageNet DDS certified accuracy at sigma 1.0 (public denoiser and classifier, 500 images, n=100,000)"
 )
 
 usage() {
@@ -76,7 +90,14 @@ row_command() {
   [[ -n $root ]] || die "RRCM_ROOT is empty; give a directory or gs:// path."
   COMMAND=(python -m "rrcm_jax.${ROW_FIELDS[1]}" --config="${ROW_FIELDS[2]}"
     --workdir="$root/${ROW_FIELDS[0]}")
-  [[ -z ${ROW_FIELDS[3]} ]] || COMMAND+=(--config.init_from="$root/${ROW_FIELDS[3]}")
+  if [[ ${ROW_FIELDS[3]} == dds:* ]]; then
+    local public="${RRCM_PUBLIC:-$root/public}" files
+    IFS=':' read -r -a files <<<"${ROW_FIELDS[3]#dds:}"
+    COMMAND+=(--config.dds.denoiser="${public%/}/${files[0]}"
+      --config.dds.classifier_checkpoint="${public%/}/${files[1]}")
+  elif [[ -n ${ROW_FIELDS[3]} ]]; then
+    COMMAND+=(--config.init_from="$root/${ROW_FIELDS[3]}")
+  fi
   COMMAND+=("$@")
 }
 

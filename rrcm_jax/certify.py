@@ -22,6 +22,14 @@ depend on the number of processes, devices or the chunk size.
 Units: sigma is the pixel-space noise std for images in [0, 1]; the
 classifier sees (x + sigma * eps - 0.5) / 0.5, model-space std 2 * sigma, and
 is conditioned at the grid point nearest 2 * sigma. Radii are pixel-space L2.
+
+`config.method = "dds"`: diffusion denoised smoothing (Carlini et al. 2023;
+configs/<dataset>_dds_certify.py). The base classifier is a denoiser and a
+classifier (`config.dds`, `rrcm_jax.diffusion.base_classifier`): the sampler
+hands it the clean image and each sample's ε ("clean_and_noise"), it forms
+x_t at DDS's t*, denoises in one step and classifies. The log's .json
+records both models, t* and `sigma_added`, the pixel-space noise x_t
+actually carries (>= sigma); radii use the nominal sigma.
 """
 import json
 import math
@@ -34,9 +42,11 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from rrcm_jax import certlog, classifier, models, parallel, report, smoothing
+from rrcm_jax.diffusion import base_classifier
 from rrcm_jax import workdir as workdir_lib
 
 MODES = ("certify", "predict")
+METHODS = ("rrcm", "dds")
 SUBSETS = ("every", "first")
 DTYPES = ("float32", "bfloat16")
 
@@ -56,12 +66,19 @@ def validate_config(config):
     raise ValueError(f"config.{e}") from None
   if config.mode not in MODES:
     raise ValueError(f"config.mode must be one of {MODES}, got {config.mode!r}.")
+  if config.method not in METHODS:
+    raise ValueError(f"config.method must be one of {METHODS}, got {config.method!r}.")
   if config.subset not in SUBSETS:
     raise ValueError(f"config.subset must be one of {SUBSETS}, got {config.subset!r}.")
   for key in ("every", "num_images", "chunk_size"):
     if not (isinstance(config[key], int) and config[key] >= 1):
       raise ValueError(f"config.{key}={config[key]!r} must be an integer >= 1.")
-  if (config.init_from is None) == (config.torch_checkpoint is None):
+  if config.method == "dds":
+    if config.init_from is not None or config.torch_checkpoint is not None:
+      raise ValueError("config.init_from and config.torch_checkpoint name rRCM classifiers; with "
+                       "config.method='dds' name the models in config.dds.denoiser and "
+                       "config.dds.classifier.")
+  elif (config.init_from is None) == (config.torch_checkpoint is None):
     raise ValueError("give exactly one classifier: config.init_from (a fine-tuning workdir) or "
                      "config.torch_checkpoint (the authors' .pth), got init_from="
                      f"{config.init_from!r}, torch_checkpoint={config.torch_checkpoint!r}.")
@@ -247,12 +264,13 @@ def estimate_cost(config, images=None):
   """
   validate_config(config)
   mesh, chunk_size = _local_mesh_and_chunk(config)
-  logits_fn, params, record = classifier.load_smoothing_classifier(config, mesh)
+  logits_fn, params, num_classes, logits_input, record, extra = load_base_classifier(config, mesh)
+  record = described(record, extra)
   images = select_images(config) if images is None else images
   if not images:
     raise ValueError(f"config selects no images of {config.data.eval_split}; nothing to estimate.")
-  sampler = smoothing.Sampler(logits_fn, _num_classes(params), config.sigma,
-                              chunk_size=chunk_size, mesh=mesh, seed=config.seed)
+  sampler = smoothing.Sampler(logits_fn, num_classes, config.sigma, chunk_size=chunk_size,
+                              mesh=mesh, seed=config.seed, logits_input=logits_input)
   image = images[0][1]
   timed = chunk_size * ESTIMATE_CHUNKS
   rate = timed / _time_counts(sampler, params, image, timed)
@@ -290,8 +308,8 @@ def run(config, workdir, images=None):
   path = log_path(config, workdir)
   done = logged_indices(path, config.mode)
   mesh, chunk_size = _local_mesh_and_chunk(config)
-  logits_fn, params, record = classifier.load_smoothing_classifier(config, mesh)
-  settings = run_settings(config, record)
+  logits_fn, params, num_classes, logits_input, record, extra = load_base_classifier(config, mesh)
+  settings = dict(run_settings(config, record), **extra)
   check_settings(path, settings)
   certlog.check_or_write_settings(path, settings, write=False)   # written in _write_records
   images = select_images(config) if images is None else images
@@ -301,8 +319,8 @@ def run(config, workdir, images=None):
   workdir_lib.ensure_writable(workdir)
   _write_records(workdir, path, config, settings)
   _announce(config, len(images), len(mine), len(todo), chunk_size)
-  sampler = smoothing.Sampler(logits_fn, _num_classes(params), config.sigma,
-                              chunk_size=chunk_size, mesh=mesh, seed=config.seed)
+  sampler = smoothing.Sampler(logits_fn, num_classes, config.sigma, chunk_size=chunk_size,
+                              mesh=mesh, seed=config.seed, logits_input=logits_input)
   part = certlog.process_log_path(path, jax.process_index(), jax.process_count())
   with certlog.LogWriter(part, config.mode) as writer:
     certify_images(sampler, params, config, todo, writer, already_done=len(mine) - len(todo))
@@ -311,7 +329,7 @@ def run(config, workdir, images=None):
   if jax.process_index() == 0:
     if jax.process_count() > 1 or certlog.part_paths(path):
       certlog.merge_logs(path)
-    table = write_report(config, path, record)
+    table = write_report(config, path, described(record, extra))
   return dict(log=path, certified=len(todo), skipped=len(mine) - len(todo), report=table)
 
 
@@ -329,6 +347,30 @@ def _announce(config, num_images, num_mine, num_todo, chunk_size):
 
 def _num_classes(params):
   return int(params["head"]["bias"].shape[-1])
+
+
+def load_base_classifier(config, mesh):
+  """(logits_fn, params, num_classes, the sampler's logits_input, classifier record, extra
+  settings) of config.method: rRCM's classifier sees x + sigma * eps ("noisy"); DDS's
+  denoiser + classifier get the clean image and eps ("clean_and_noise"), and the extra
+  settings name the denoiser, t* and sigma_added."""
+  if config.method != "dds":
+    logits_fn, params, record = classifier.load_smoothing_classifier(config, mesh)
+    return logits_fn, params, _num_classes(params), "noisy", record, {}
+  logits_fn, params, num_classes, dds_record = base_classifier.load(config, mesh)
+  record = dds_record.pop("classifier")
+  extra = dict(method="dds", denoiser=dds_record.pop("denoiser"), dds=dds_record)
+  return logits_fn, params, num_classes, "clean_and_noise", record, extra
+
+
+def described(record, extra):
+  """The classifier record with a `source` that says what was smoothed (reports, estimates)."""
+  if not extra:
+    return record
+  d, dds = extra["denoiser"], extra["dds"]
+  denoiser = d["preset"] if d["step"] is None else f"{d['source']} (step {d['step']})"
+  return dict(record, source=f"DDS: denoiser {denoiser}, t* {dds['t_star']}, sigma_added "
+                             f"{dds['sigma_added']:.4f}; classifier {record['source']}")
 
 
 def main(argv):

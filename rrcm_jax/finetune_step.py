@@ -25,10 +25,12 @@ class Task:
   """loss(noisy_logits, params, x, targets, key) -> (loss, metrics), with x model-space
   images [B, H, W, C], targets [B, K] and noisy_logits(params, x, key) the logits
   of x + s·ε at the training level; trains(path) says whether the optimizer
-  updates a parameter; forward_equivalents counts FLOPs per image per step."""
+  updates a parameter; forward_equivalents counts FLOPs per image per step;
+  clean: train at level s = 0 (no noise, the grid point nearest 0) whatever σ."""
   loss: Callable
   trains: Callable
   forward_equivalents: int
+  clean: bool = False
 
 
 def _is_head(path):
@@ -76,7 +78,15 @@ def linear_task(config):
   return Task(gaussian_task(config).loss, _is_head, 1)
 
 
-TASKS = {"consistency": consistency_task, "finetune": gaussian_task, "linear": linear_task}
+def clean_task(config):
+  """A standard classifier: cross-entropy on clean images (no noise; conditioned at the
+  grid point nearest 0), every parameter trained. The base classifier of diffusion
+  denoised smoothing, which classifies denoised images (config.sigma is not used)."""
+  return dataclasses.replace(gaussian_task(config), clean=True)
+
+
+TASKS = {"consistency": consistency_task, "finetune": gaussian_task, "linear": linear_task,
+         "clean": clean_task}
 
 
 # ----------------------------------------------------------------------------
@@ -161,7 +171,7 @@ def make_train_step(config, model, tx, lr_fn, task, num_scales, mesh, shardings)
   targets from mixup/cutmix and label smoothing; frozen parameters get zero
   gradients (and no update).
   """
-  s = denoiser.model_noise_level(config.sigma)
+  s = 0.0 if task.clean else denoiser.model_noise_level(config.sigma)
   sigma_j = classifier.grid_sigma(s, num_scales, config.denoiser)
   batch_sharding = parallel.data_sharding(mesh)
 

@@ -7,8 +7,10 @@ all count with these two functions (docs/method.md, "Encoder").
 # Forward-equivalents per image per step: a forward without gradient counts 1,
 # forward + backward 3. Pre-training: 3 online calls with gradient (3 each),
 # the no-gradient h(x + σ'ε) and 2 target calls (1 each); consistency: m = 2
-# draws with gradient; a linear probe only runs the frozen encoder forward.
-FORWARD_EQUIVALENTS = {"pretrain": 12, "consistency": 6, "finetune": 3, "linear": 1}
+# draws with gradient; a linear probe only runs the frozen encoder forward; "clean"
+# (DDS's base classifier) one clean call with gradient.
+FORWARD_EQUIVALENTS = {"pretrain": 12, "consistency": 6, "finetune": 3, "linear": 1,
+                       "clean": 3}
 
 
 def forward_flops(model_cfg, num_classes=0, projection=False):
@@ -36,7 +38,7 @@ def forward_flops(model_cfg, num_classes=0, projection=False):
 
 def training_flops(stage, model_cfg, images, num_classes=0):
   """FLOPs of training `images` images (summed over steps) in `stage`
-  ("pretrain", "consistency", "finetune", "linear"), see FORWARD_EQUIVALENTS."""
+  ("pretrain", "consistency", "finetune", "linear", "clean"), see FORWARD_EQUIVALENTS."""
   if stage not in FORWARD_EQUIVALENTS:
     raise ValueError(f"stage must be one of {sorted(FORWARD_EQUIVALENTS)}, got {stage!r}.")
   if stage == "pretrain":

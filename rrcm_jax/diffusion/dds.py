@@ -33,6 +33,8 @@ DDS_PRESETS = {
     # The demo-size denoiser of UNET_PRESETS (no published weights): cosine, 1000 steps.
     "fashion_mnist_small": dict(noise_schedule="cosine", num_steps=1000,
                                 rescale_timesteps=False, image_size=28),
+    "fashion_mnist_tiny": dict(noise_schedule="cosine", num_steps=1000,
+                               rescale_timesteps=False, image_size=28),
 }
 
 
