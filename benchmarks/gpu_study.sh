@@ -15,8 +15,9 @@
 #              is written to DIR/study/plan.json and reused when the same DIR is run again
 #              (the run resumes; a changed total_steps would be refused). The "latest"
 #              checkpoint every minute (latest_every = one minute of steps), a kept one at
-#              the end, the k-NN monitor 8 times (and at step 0). `timeout` stops it with SIGTERM 2 minutes
-#              after its planned length: it checkpoints and exits 75, and the next stages use
+#              the end, the k-NN monitor 8 times (and at step 0). `timeout` stops it
+#              with SIGTERM 3 minutes after its planned length (compilation and the k-NN
+#              monitor included): it checkpoints and exits 75, and the next stages use
 #              that checkpoint.
 #   finetune   configs/fashion_mnist_finetune.py from that checkpoint at sigma S (default
 #              0.25): 2 epochs of consistency fine-tuning, device pipeline.
@@ -38,13 +39,14 @@
 # --resume-from DIR: copy DIR/study (an earlier call's $OUT, brought back and carried) into
 # this call's DIR first, so that a run longer than one call's limit resumes where it stopped.
 #
-# --cpu: the same stages on the CPU with tiny sizes (batch 32, 12 steps, 5 images,
-# n = 200), what the tests run.
+# --cpu: the same stages on the CPU with tiny sizes (batch 32, 12 steps unless --minutes is
+# given, 5 images, n = 200), what the tests run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CPU=0
 MINUTES=5
+MINUTES_SET=0
 BATCH=""
 STEPS=""
 LR=""
@@ -56,7 +58,7 @@ FROM=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu) CPU=1 ;;
-    --minutes) MINUTES="$2"; shift ;;
+    --minutes) MINUTES="$2"; MINUTES_SET=1; shift ;;
     --batch) BATCH="$2"; shift ;;
     --steps) STEPS="$2"; shift ;;
     --lr) LR="$2"; shift ;;
@@ -107,14 +109,15 @@ DIR="$(cd "$DIR" && pwd)"   # Orbax wants absolute paths
 W="$DIR/study"
 if [ "$CPU" = 1 ]; then
   export JAX_PLATFORMS=cpu
-  BATCH="${BATCH:-32}"; STEPS="${STEPS:-12}"; KNN_EVALS=2
+  BATCH="${BATCH:-32}"; KNN_EVALS=2; SLACK=600
+  [ "$MINUTES_SET" = 1 ] || STEPS="${STEPS:-12}"   # --minutes: the step rate sets the length
   PRE=("--config.knn.bank_split=train[:2%]" "--config.knn.query_split=test[:2%]")
   CERT=(--config.n=200 --config.every=40 --config.num_images=5 --config.chunk_size=100)
   FT=(--config.epochs=1 --config.steps_per_epoch=4 --config.batch_size=32
       --config.eval_batch_size=500 "--config.data.eval_split=test[:500]")
   E2E=(--quick)
 else
-  BATCH="${BATCH:-2048}"; KNN_EVALS=8
+  BATCH="${BATCH:-2048}"; KNN_EVALS=8; SLACK=180
   PRE=()
   CERT=(--config.n=10000 --config.every=100)
   FT=()
@@ -157,7 +160,9 @@ EOF
   cat "$W/plan.json" | tee -a "$LOG"
   plan() { "$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$W/plan.json" "$1"; }
   set +e
-  timeout --signal=TERM --kill-after=60 "$(( ${MINUTES%.*} * 60 + 120 ))" \
+  LIMIT="$("$PY" -c "import sys; print(int(float(sys.argv[1]) * 60) + int(sys.argv[2]))" \
+           "$MINUTES" "$SLACK")"
+  timeout --preserve-status --signal=TERM --kill-after=60 "$LIMIT" \
     "$PY" -m rrcm_jax.pretrain "${P[@]}" --config.batch_size="$(plan batch_size)" \
       --config.total_steps="$(plan total_steps)" --config.latest_every="$(plan latest_every)" \
       --config.save_every="$(plan save_every)" --config.knn_every="$(plan knn_every)" \

@@ -170,3 +170,62 @@ def test_jaxpr_matmul_count_of_a_padded_conv():
   taps = (2 * 2 + 5 * 3) ** 2   # in-bounds 3×3 taps summed over a 7×7 output
   xla = inference_cost.xla_flops(jax.jit(conv).lower(x, w).compile())
   assert xla == pytest.approx(2 * 2 * 16 * 8 * taps, rel=0.01)
+
+
+def test_pipeline_end_to_end_quick_compares_with_the_resident_step(tmp_path):
+  from benchmarks import pipeline_end_to_end  # pylint: disable=g-import-not-at-top
+  rows = pipeline_end_to_end.main(["--quick", "--out", str(tmp_path / "e.json")])
+  (row,) = read(tmp_path / "e.json")["rows"]
+  assert row == rows[0] | {"skipped": row["skipped"]} and row["case"] == "tiny-16"
+  assert row["resident_images_per_s"] > 0 and row["device_images_per_s"] > 0
+  lo, hi = row["device_ratio_range"]
+  assert 0 < lo <= row["device_ratio"] <= hi   # a median of per-round ratios
+  assert row["tfdata_images_per_s"] > 0 or "tfdata" in row["skipped"]
+  assert row["load_average"]["min"] <= row["load_average"]["max"]
+  with pytest.raises(ValueError, match="NAME-BATCH"):
+    pipeline_end_to_end.case_config("fmnist")
+
+
+def _write_idx(path, array):
+  """An IDX file (uint8): magic 0x0000 08 ndim, big-endian int32 dims, the bytes."""
+  header = bytes([0, 0, 8, array.ndim]) + np.array(array.shape, ">i4").tobytes()
+  path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_gpu_study_rejects_an_unknown_stage(tmp_path):
+  proc = subprocess.run(["bash", "benchmarks/gpu_study.sh", "--cpu", "--stages", "pretrain,bogus",
+                         "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                        timeout=60)
+  assert proc.returncode == 2 and "unknown stage bogus" in proc.stderr
+  assert not (tmp_path / "study").exists()   # nothing written
+
+
+@pytest.mark.slow
+def test_gpu_study_cpu_runs_without_tensorflow(tmp_path):
+  """Pre-training (device pipeline, k-NN monitor), fine-tuning and certification from IDX
+  files with tensorflow, tensorflow_datasets and clu unimportable, as on the GPU host."""
+  blocked = tmp_path / "blocked"
+  for name in ("tensorflow", "tensorflow_datasets", "clu"):
+    (blocked / name).mkdir(parents=True)
+    (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} is blocked')\n")
+  data = tmp_path / "carry" / "fashion-mnist"
+  data.mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  for prefix, n in (("train", 1500), ("t10k", 500)):   # k-NN: 30-image bank, k = 20
+    _write_idx(data / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+    _write_idx(data / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n))
+  env = dict(os.environ, XLA_FLAGS="", PYTHON=sys.executable, PYTHONPATH=str(blocked))
+  env.pop("OUT", None)
+  out = tmp_path / "out"
+  proc = subprocess.run(["bash", "benchmarks/gpu_study.sh", "--cpu", "--carry", str(tmp_path / "carry"),
+                         "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  plan = json.loads((out / "study" / "plan.json").read_text())
+  assert plan["total_steps"] == 12 and plan["save_every"] == 12
+  metrics = [json.loads(l) for l in (out / "study" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+  assert max(m["step"] for m in metrics) == 12
+  assert any(k.startswith("knn") for m in metrics for k in m)   # the monitor ran
+  assert (out / "study" / "finetune" / "test_results.json").exists()
+  rows = (out / "study" / "certify" / "certify_sigma0.25.tsv").read_text().splitlines()
+  assert len(rows) == 1 + 5   # header + 5 images
