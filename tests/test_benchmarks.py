@@ -180,6 +180,7 @@ def test_pipeline_end_to_end_quick_compares_with_the_resident_step(tmp_path):
   assert row["resident_images_per_s"] > 0 and row["device_images_per_s"] > 0
   lo, hi = row["device_ratio_range"]
   assert 0 < lo <= row["device_ratio"] <= hi   # a median of per-round ratios
+  assert row["device_ratio_cpu"] > 0
   assert row["tfdata_images_per_s"] > 0 or "tfdata" in row["skipped"]
   assert row["load_average"]["min"] <= row["load_average"]["max"]
   with pytest.raises(ValueError, match="NAME-BATCH"):
