@@ -45,7 +45,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CPU=0
-MINUTES=5
+MINUTES=4
 MINUTES_SET=0
 BATCH=""
 STEPS=""
