@@ -183,3 +183,14 @@ def check_resume(workdir, config):
     raise ValueError(f"--workdir={workdir} holds a run made with {key}={old!r} and this run has "
                      f"{key}={new!r}{more}; resume with the same settings, use another workdir, or "
                      f"allow it with --config.allow_changes={key}.")
+
+
+def run_trainer(train, config, workdir):
+  """A trainer's whole run: the checks that need nothing written, then, holding the workdir's
+  lock for the whole run, the resume checks and `train(config, workdir)`; returns its result."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from rrcm_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  validate_training(config, jax.device_count())
+  with workdir_lib.lock(workdir):   # one run per workdir, for the whole run
+    check_resume(workdir, config)
+    return train(config, workdir)

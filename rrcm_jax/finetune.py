@@ -243,10 +243,7 @@ def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   del argv
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-  config_checks.validate_training(config, jax.device_count())
-  with workdir_lib.lock(workdir):   # one run per workdir, for the whole run
-    config_checks.check_resume(workdir, config)
-    train(config, workdir)
+  config_checks.run_trainer(train, config, workdir)
 
 
 if __name__ == "__main__":

@@ -161,10 +161,7 @@ def main(argv):
   if config.get("estimate", False):
     estimate(config, workdir)
     return
-  config_checks.validate_training(config, jax.device_count())
-  with workdir_lib.lock(workdir):   # one run per workdir, for the whole run
-    config_checks.check_resume(workdir, config)
-    train(config, workdir)
+  config_checks.run_trainer(train, config, workdir)
 
 
 if __name__ == "__main__":
