@@ -421,7 +421,8 @@ def diffusion_config(data, unet, schedule, *, total_steps, batch_size, lr, warmu
       rescale_timesteps=schedule["rescale_timesteps"]))
   config.unet = ml_collections.ConfigDict(dict(unet, dtype="float32"))
   config.data = data.copy_and_resolve_references()
-  config.data.pipeline = "device"         # "device" (in-memory, on-device batches) or "tfdata"
+  # data.pipeline None: "device" for the in-memory datasets (Fashion-MNIST, MNIST, CIFAR), else
+  # "tfdata" (rrcm_jax.diffusion.__main__); set it to force one
   config.mesh = ml_collections.ConfigDict(dict(fsdp=False))
   config.log_every = 50
   config.save_every = 10_000
