@@ -190,7 +190,7 @@ def train(config, workdir, data=None, mesh=None, stop_after=None):
       state, _ = finetune_step.create_state(config, model, tx, mesh, overrides)
     else:
       state = restored[0]
-    workdir_lib.record_run(workdir, config)
+    workdir_lib.record_run(workdir, config, writer=writer)
     if int(state.step) < total:
       step_fn = finetune_step.make_train_step(config, model, tx, lr_fn, task,
                                               meta["num_scales"], mesh, shardings)

@@ -90,7 +90,8 @@ def train(config, workdir, batches=None, mesh=None, stop_after=None):
     # Data, monitor, step, loop.
     global_batches = _global_batches(config, mesh, batches, start)
     monitor = _knn_monitor(config, state, writer, start)
-    workdir_lib.record_run(workdir, config)   # after data and model: a bad run leaves no record
+    # After data and model: a run that fails to set up leaves no record.
+    workdir_lib.record_run(workdir, config, writer=writer)
     return loop.run(
         state, pretrain_step.make_train_step(config, model, tx, mesh, shardings),
         global_batches, key=jax.random.key(config.seed), checkpointer=ckpt, writer=writer,

@@ -57,12 +57,15 @@ def ensure_writable(workdir):
   return path
 
 
-def record_run(workdir, config, argv=None):
+def record_run(workdir, config, argv=None, writer=None):
   """Writes the resolved config and appends {time, seed, code version, argv, devices, matmul
-  precision} to runs.jsonl."""
+  precision} to runs.jsonl; with a `MetricsWriter`, also the config as hyper-parameters
+  (TensorBoard's HParams tab, hparams.json)."""
   path = epath.Path(workdir)
   if jax.process_index() != 0:
     return
+  if writer is not None:
+    writer.write_hparams(flat_hparams(config))
   (path / "config.json").write_text(config.to_json_best_effort(indent=2))
   entry = dict(time=time.strftime("%Y-%m-%d %H:%M:%S"), seed=config.get("seed"),
                code_version=code_version(), argv=list(argv if argv is not None else sys.argv),

@@ -43,3 +43,14 @@ def test_metrics_writer_without_clu(tmp_path, monkeypatch):
   writer.close()
   assert workdir.read_metrics(tmp_path) == [{"step": 1, "loss": 0.5}]
   assert not (tmp_path / "tensorboard").exists()
+
+
+def test_record_run_writes_config_runs_and_hparams(tmp_path):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict({"seed": 3, "optim": {"lr": 0.5}})
+  with workdir.MetricsWriter(tmp_path) as writer:
+    workdir.record_run(tmp_path, config, argv=["x"], writer=writer)
+  assert json.loads((tmp_path / "config.json").read_text()) == {"seed": 3, "optim": {"lr": 0.5}}
+  (run,) = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+  assert run["seed"] == 3 and run["argv"] == ["x"] and run["code_version"]
+  assert json.loads((tmp_path / "hparams.json").read_text()) == {"seed": 3, "optim.lr": 0.5}

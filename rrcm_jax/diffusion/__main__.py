@@ -88,7 +88,8 @@ def train(config, workdir, batches=None, mesh=None, stop_after=None):
     else:
       stream = (parallel.global_batch(b, mesh) for b in batches(start))
     flops = lambda done: dict(train_flops=done * config.batch_size * flops_per_image)
-    workdir_lib.record_run(workdir, config)   # after data and model: a bad run leaves no record
+    # After data and model: a run that fails to set up leaves no record.
+    workdir_lib.record_run(workdir, config, writer=writer)
     return loop.run(
         state, train_lib.make_train_step(config, unet, tx, lr_fn, mesh, shardings), stream,
         key=jax.random.key(config.seed), checkpointer=ckpt, writer=writer,
