@@ -117,7 +117,7 @@ def from_torch(state_dict, expected, model_name="model"):
     the first parameter missing from the state dict, or the first shape that
     differs (in torch layout).
   """
-  want = {p: tuple(v.shape) for p, v in torch_import._flatten(expected).items()}   # pylint: disable=protected-access
+  want = {p: tuple(v.shape) for p, v in torch_import.flatten_paths(expected).items()}
   flat = {}
   for raw_name, value in state_dict.items():
     name = canonical_name(raw_name)
@@ -139,13 +139,13 @@ def from_torch(state_dict, expected, model_name="model"):
     if path not in flat:
       raise ValueError(f"{torch_name(path)} is missing from the state dict; {model_name} expects "
                        f"shape {_torch_shape(shape, _transform_of(path, shape))}.")
-  return torch_import._unflatten(flat)   # pylint: disable=protected-access
+  return torch_import.unflatten_paths(flat)
 
 
 def to_torch(params):
   """Our params tree -> {torch name: numpy array}: timm names, or current HF names."""
   out = {}
-  for path, leaf in torch_import._flatten(params).items():   # pylint: disable=protected-access
+  for path, leaf in torch_import.flatten_paths(params).items():
     array = np.asarray(leaf)
     out[torch_name(path)] = np.ascontiguousarray(_TO_TORCH[_transform_of(path, array.shape)](array))
   return out

@@ -125,13 +125,14 @@ def _to_torch_location(path, kind):
   return None
 
 
-def _flatten(tree):
+def flatten_paths(tree):
   """Nested dict -> {"collection/a/b": leaf}."""
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {"/".join(str(k.key) for k in path): leaf for path, leaf in flat}
 
 
-def _unflatten(flat):
+def unflatten_paths(flat):
+  """{"collection/a/b": leaf} -> nested dict (the inverse of `flatten_paths`)."""
   tree = {}
   for path, leaf in flat.items():
     node = tree
@@ -172,7 +173,7 @@ def from_torch(state_dict, kind="encoder"):
     if path in flat:
       raise ValueError(f"{raw_name} appears twice in the state dict (once with a prefix).")
     flat[path] = _TO_FLAX[transform](_as_float32(value))
-  variables = _unflatten(flat)
+  variables = unflatten_paths(flat)
   variables.setdefault("params", {})
   variables.setdefault("batch_stats", {})
   return variables
@@ -188,7 +189,7 @@ def to_torch(variables, kind="encoder"):
   """
   _check_kind(kind)
   state_dict = {}
-  for path, leaf in _flatten(variables).items():
+  for path, leaf in flatten_paths(variables).items():
     location = _to_torch_location(path, kind)
     if location is None:
       raise ValueError(f"{path} has no name in the authors' {kind} layout.")
@@ -221,8 +222,8 @@ def check_against(variables, expected, kind=None):
   if kind is None:
     kind = "classifier" if "head" in expected.get("params", {}) else "encoder"
   _check_kind(kind)
-  got = {p: tuple(np.shape(v)) for p, v in _flatten(variables).items()}
-  want = {p: tuple(v.shape) for p, v in _flatten(expected).items()}
+  got = {p: tuple(np.shape(v)) for p, v in flatten_paths(variables).items()}
+  want = {p: tuple(v.shape) for p, v in flatten_paths(expected).items()}
   for path, shape in want.items():
     if path not in got:
       name, torch_shape = _describe(path, shape, kind)

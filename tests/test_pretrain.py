@@ -236,7 +236,7 @@ def test_total_steps_override_carries_derived_quantities():
 CLI_TINY = ["--config.data.name=synthetic", "--config.model.width=32", "--config.model.depth=1",
             "--config.model.num_heads=2", "--config.model.proj_hidden=16",
             "--config.model.proj_out=8", "--config.batch_size=16", "--config.log_every=1",
-            "--config.latest_every=2"]
+            "--config.latest_every=2", "--config.knn_every=0"]
 
 
 def _cli(workdir, *extra):

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rrcm_jax import torch_import
+
 _CONV1D_MODULES = ("qkv", "proj_out")   # torch conv1d with kernel 1, Dense here
 _PREFIX = "module."                      # DataParallel checkpoints
 
@@ -60,28 +62,12 @@ def _to_torch(array, path):
   return array
 
 
-def _flatten(tree):
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {"/".join(str(k.key) for k in path): leaf for path, leaf in flat}
-
-
-def _unflatten(flat):
-  tree = {}
-  for path, leaf in flat.items():
-    node = tree
-    *parents, last = path.split("/")
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[last] = leaf
-  return tree
-
-
 def unet_param_shapes(unet):
   """{"path": shape} of the U-Net's params, from `jax.eval_shape` (nothing allocated)."""
   size = 2 ** (len(unet.channel_mult) - 1)
   shapes = jax.eval_shape(lambda: unet.init(
       jax.random.key(0), jnp.zeros((1, size, size, unet.in_channels)), jnp.zeros((1,))))
-  return {path: tuple(leaf.shape) for path, leaf in _flatten(shapes["params"]).items()}
+  return {path: tuple(leaf.shape) for path, leaf in torch_import.flatten_paths(shapes["params"]).items()}
 
 
 def unet_variables_from_torch(state_dict, unet):
@@ -109,11 +95,11 @@ def unet_variables_from_torch(state_dict, unet):
   if missing:
     raise ValueError(f"missing key {_torch_name(missing[0])} in the U-Net state dict "
                      f"({len(missing)} missing in all).")
-  return {"params": _unflatten(flat)}
+  return {"params": torch_import.unflatten_paths(flat)}
 
 
 def unet_variables_to_torch(variables):
   """Our U-Net {"params": ...} -> {torch name: float32 numpy array} in the torch layout."""
-  flat = _flatten(jax.device_get(variables["params"]))
+  flat = torch_import.flatten_paths(jax.device_get(variables["params"]))
   return {_torch_name(path): np.ascontiguousarray(_to_torch(np.asarray(v, np.float32), path))
           for path, v in flat.items()}
