@@ -82,9 +82,13 @@ def command_line_error(error, args=()):
     return (f"unknown config key '{unknown.group(1)}': the config file given with --config has "
             "no such key.")
   if isinstance(error, (AttributeError, KeyError)) or isinstance(error.__context__, KeyError):
-    key = text.strip("\"' ").split("'")[0].split('"')[0].strip("\"' ")
+    # ml_collections says: Key "x" does not exist ..., or 'x' ... Did you mean "y" instead of "x"?
+    named = (re.search(r'[Kk]ey \\*"([\w.]+)\\*"', text)
+             or re.search(r'instead of \\*"([\w.]+)\\*"', text)
+             or re.search(r"'([\w.]+)\\*'", text))
+    key = named.group(1) if named else text.strip("\"' ")
     flag = next((a.split("=", 1)[0][2:] for a in args
-                 if a.startswith("--config.") and key and key in a.split("=", 1)[0].split(".")),
+                 if a.startswith("--config.") and key in a.split("=", 1)[0].split(".")),
                 f"config.{key}")
     hint = re.search(r"Did you mean \"?([\w.]+)\"?", text.replace("'", '"'))
     return (f"unknown config key '{flag}'" + (f" (did you mean '{hint.group(1)}'?)" if hint else "")

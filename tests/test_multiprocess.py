@@ -30,8 +30,9 @@ pytestmark = pytest.mark.slow   # every test here starts processes through the C
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PROCESSES, DEVICES_PER_PROCESS = 2, 2
-PRETRAIN_TINY = {"data.name": "synthetic", "data.cache": False, "model.width": 32, "model.depth": 1,
-                 "model.num_heads": 2, "model.proj_hidden": 16, "model.proj_out": 8,
+PRETRAIN_TINY = {"data.name": "synthetic", "data.cache": False, "knn_every": 0,
+                 "model.width": 32, "model.depth": 1, "model.num_heads": 2,
+                 "model.proj_hidden": 16, "model.proj_out": 8,
                  "batch_size": 16, "total_steps": 3, "log_every": 1, "latest_every": 3}
 
 
