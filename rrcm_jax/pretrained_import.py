@@ -73,14 +73,6 @@ def torch_name(path):
   return ".".join(parts)
 
 
-def _torch_shape(shape, transform):
-  if transform == "linear":
-    return tuple(shape[::-1])
-  if transform == "conv":
-    return tuple(shape[i] for i in (3, 2, 0, 1))
-  return tuple(shape)
-
-
 def _flax_path(name, want):
   """Canonical torch name -> our params path, or None if the model has no such parameter."""
   parts = []
@@ -131,14 +123,14 @@ def from_torch(state_dict, expected, model_name="model"):
       raise ValueError(f"{raw_name} appears twice in the state dict (once under another name).")
     transform = _transform_of(path, want[path])
     array = _as_float32(value)
-    if array.shape != _torch_shape(want[path], transform):
+    if array.shape != torch_import.torch_shape(want[path], transform):
       raise ValueError(f"{raw_name} has shape {array.shape}, {model_name} expects "
-                       f"{_torch_shape(want[path], transform)}.")
+                       f"{torch_import.torch_shape(want[path], transform)}.")
     flat[path] = _TO_FLAX[transform](array)
   for path, shape in want.items():
     if path not in flat:
       raise ValueError(f"{torch_name(path)} is missing from the state dict; {model_name} expects "
-                       f"shape {_torch_shape(shape, _transform_of(path, shape))}.")
+                       f"shape {torch_import.torch_shape(shape, _transform_of(path, shape))}.")
   return torch_import.unflatten_paths(flat)
 
 

@@ -74,7 +74,8 @@ _TO_FLAX = {None: lambda a: a, "linear": lambda a: a.T, "conv": lambda a: a.tran
 _TO_TORCH = {None: lambda a: a, "linear": lambda a: a.T, "conv": lambda a: a.transpose(3, 2, 0, 1)}
 
 
-def _torch_shape(shape, transform):
+def torch_shape(shape, transform):
+  """Our parameter shape -> the PyTorch tensor's shape for a "linear"/"conv"/None transform."""
   if transform == "linear":
     return tuple(shape[::-1])
   if transform == "conv":
@@ -206,7 +207,7 @@ def _describe(path, shape, kind):
   if location is None:
     return path, tuple(shape)
   name, transform = location
-  return name, _torch_shape(shape, transform)
+  return name, torch_shape(shape, transform)
 
 
 def check_against(variables, expected, kind=None):
@@ -226,17 +227,17 @@ def check_against(variables, expected, kind=None):
   want = {p: tuple(v.shape) for p, v in flatten_paths(expected).items()}
   for path, shape in want.items():
     if path not in got:
-      name, torch_shape = _describe(path, shape, kind)
+      name, their_shape = _describe(path, shape, kind)
       raise ValueError(f"{name} is missing from the state dict; the config expects shape "
-                       f"{torch_shape}.")
+                       f"{their_shape}.")
   for path, shape in got.items():
     if path not in want:
-      name, torch_shape = _describe(path, shape, kind)
-      raise ValueError(f"{name} (shape {torch_shape}) is not a parameter of the configured "
+      name, their_shape = _describe(path, shape, kind)
+      raise ValueError(f"{name} (shape {their_shape}) is not a parameter of the configured "
                        "model; is the config (time_mlp, depth, qkv bias) the checkpoint's?")
     if shape != want[path]:
-      name, torch_shape = _describe(path, shape, kind)
-      raise ValueError(f"{name} has shape {torch_shape}, the config expects "
+      name, their_shape = _describe(path, shape, kind)
+      raise ValueError(f"{name} has shape {their_shape}, the config expects "
                        f"{_describe(path, want[path], kind)[1]}.")
 
 
