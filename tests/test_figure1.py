@@ -1,0 +1,116 @@
+"""experiments/figure1.py: Points from certification logs, the cost table, the figure, the CLI."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments import figure1
+from rrcm_jax import certlog
+
+# (idx, label, predict, radius, seconds) of a synthetic log; predict -1 = abstain.
+ROWS = [(0, 3, 3, 0.9, 2.0), (10, 1, 1, 0.3, 1.0), (20, 2, 5, 0.7, 1.25), (30, 4, -1, 0.0, 4.0),
+        (40, 7, 7, 0.4, 0.5)]
+
+
+def write_log(directory, rows=ROWS, sigma=0.25, n0=100, n=1000, flops=None, method=None):
+  """A certify-mode log in `directory` written by certlog's writer, with its settings file."""
+  os.makedirs(directory, exist_ok=True)
+  path = os.path.join(str(directory), f"certify_sigma{sigma}.tsv")
+  settings = dict(mode="certify", sigma=sigma, n=n, n0=n0, alpha=0.001, seed=0,
+                  classifier=dict(source=f"/runs/gaussian_sigma{sigma}", task="gaussian"))
+  if flops is not None:
+    settings["inference_flops_per_sample"] = flops
+  if method is not None:
+    settings["method"] = method
+  certlog.check_or_write_settings(path, settings)
+  with certlog.LogWriter(path) as writer:
+    for idx, label, predict, radius, seconds in rows:
+      writer.write(idx, label, predict, predict == label, seconds, radius=radius)
+  return path
+
+
+def test_load_point_counts_and_rate_from_the_rows(tmp_path):
+  path = write_log(tmp_path, flops=3.5e7)
+  point = figure1.load_point(path)
+  correct = np.array([p == l for _, l, p, _, _ in ROWS])
+  radius = np.array([r for *_, r, _ in ROWS])
+  for r in (0.0, 0.25, 0.5):
+    assert point.certified[r] == pytest.approx(np.mean(correct & (radius >= r)))
+  assert point.certified[0.5] == pytest.approx(1 / 5)   # only image 0 (0.9); 20 is wrong
+  rates = sorted((100 + 1000) / s for *_, s in ROWS)
+  assert point.samples_s == pytest.approx(rates[2])
+  assert (point.images, point.n0, point.n, point.sigma) == (5, 100, 1000, 0.25)
+  assert point.flops_per_sample == 3.5e7
+  assert point.label == "gaussian σ=0.25"
+  assert point.acr == pytest.approx(np.mean(radius * correct))
+
+
+def test_flops_argument_overrides_and_labels(tmp_path):
+  point = figure1.load_point(write_log(tmp_path, flops=1.0, method="dds"), flops_per_sample=2e9)
+  assert point.flops_per_sample == 2e9
+  assert point.label == "DDS σ=0.25"
+  assert figure1.load_point(point.log, label="mine").label == "mine"
+
+
+def test_seconds_per_image_is_samples_over_rate(tmp_path):
+  point = figure1.load_point(write_log(tmp_path))
+  assert figure1.seconds_per_image(point) == pytest.approx(100_100 / point.samples_s)
+  assert figure1.seconds_per_image(point, n=1000, n0=0) == pytest.approx(1000 / point.samples_s)
+
+
+def test_table_and_figure(tmp_path):
+  a = figure1.load_point(write_log(tmp_path / "a", flops=2e7), label="rRCM σ=0.25")
+  b = figure1.load_point(write_log(tmp_path / "b", sigma=0.5), label="DDS σ=0.5")
+  table = figure1.markdown_table([a, b], radii=(0.25, 0.5, 0.8))
+  assert "rRCM σ=0.25" in table and "DDS σ=0.5" in table
+  assert "| 0.02 |" in table and "| - |" in table   # GFLOP, and unknown FLOPs
+  assert f"{figure1.certified_at(a, 0.8):.3f}" == "0.200"   # read back from the log
+  written = figure1.draw([a, b], str(tmp_path / "fig" / "figure1.png"))
+  assert [os.path.splitext(p)[1] for p in written] == [".png", ".pdf"]
+  with open(written[0], "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  assert os.path.getsize(written[1]) > 0
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("rRCM σ=0.25=a/b.tsv@0.0088", ("rRCM σ=0.25", "a/b.tsv", 0.0088e9)),
+    ("a/b.tsv", (None, "a/b.tsv", None)),
+    ("DDS=gs://x/y.tsv", ("DDS", "gs://x/y.tsv", None)),
+])
+def test_parse_spec(text, expected):
+  label, path, flops = figure1.parse_spec(text)
+  assert (label, path) == expected[:2]
+  assert flops == pytest.approx(expected[2]) if expected[2] else flops is None
+
+
+@pytest.mark.parametrize("text", ["x=a.tsv@fast", "x=a.tsv@-1", "=a.tsv", "x="])
+def test_malformed_specs_are_one_sentence(text):
+  with pytest.raises(ValueError, match="--logs"):
+    figure1.parse_spec(text)
+
+
+def test_log_without_flops_needs_gflop(tmp_path, capsys):
+  path = write_log(tmp_path)
+  with pytest.raises(ValueError, match="records no inference_flops_per_sample.*@GFLOP"):
+    figure1.load_specs([f"x={path}"])
+  assert figure1.load_specs([f"x={path}@0.5"])[0].flops_per_sample == pytest.approx(5e8)
+  with pytest.raises(SystemExit) as exit_info:
+    figure1.main(["--logs", f"x={tmp_path}/missing.tsv@1", "--out", str(tmp_path / "f.png")])
+  assert exit_info.value.code == 2
+  assert "does not exist" in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / "f.png")
+
+
+@pytest.mark.slow
+def test_cli_prints_table_and_writes_figure(tmp_path):
+  path = write_log(tmp_path, flops=8.8e6)
+  out = tmp_path / "out" / "figure1.png"
+  result = subprocess.run([sys.executable, "-m", "experiments.figure1", "--logs",
+                           f"rRCM σ=0.25={path}", "--out", str(out), "--table",
+                           str(tmp_path / "t.md")], capture_output=True, text=True, check=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert "| rRCM σ=0.25 | 0.25 | 5 |" in result.stdout
+  assert out.stat().st_size > 0 and (tmp_path / "out" / "figure1.pdf").exists()
+  assert (tmp_path / "t.md").read_text().strip() == result.stdout.strip()
