@@ -149,6 +149,7 @@ def draw(points, path, radii=RADII, n=N_PAPER, n0=N0_PAPER):
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   from matplotlib.lines import Line2D  # pylint: disable=g-import-not-at-top
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
   path = str(path)
   stem = os.path.splitext(path)[0] if path.lower().endswith((".png", ".pdf")) else path
   methods = list(dict.fromkeys(method_of(p.label) for p in points))
@@ -166,6 +167,9 @@ def draw(points, path, radii=RADII, n=N_PAPER, n0=N0_PAPER):
                    edgecolors="black", linewidths=0.5, zorder=3)
       axes.annotate(p.label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7)
     axes.set_xscale("log")
+    axes.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    axes.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    axes.xaxis.set_minor_formatter(ticker.NullFormatter())
     low, high = min(seconds), max(seconds)
     axes.set_xlim(low / 3, high * 3)
     axes.set(xlabel=f"seconds per certified image (n = {n:,}, measured rate)",
