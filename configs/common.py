@@ -184,6 +184,10 @@ def pretrain_config(total_steps, batch_size, lr, weight_decay, warmup_divisor,
       bank_split="train[:10000]", query_split="test[:2000]", levels=(0.0, 0.5, 1.0),
       k=20, temperature=0.07, batch_size=500, feature="feature"))
   config.log_every = 50
+  # Profiling (README, "Progress and profiling"): profile_steps > 0 traces the steps after the
+  # first profile_start into <workdir>/plugins/profile (TensorBoard's profile tab); 0: off.
+  config.profile_start = 10
+  config.profile_steps = 0
   config.save_every = 10_000              # kept checkpoints
   config.latest_every = 1_000             # the frequent "latest" checkpoint (only the newest kept)
   config.estimate = False                 # True: time a few steps, print the run's cost, write nothing
@@ -296,6 +300,10 @@ def finetune_config(base, *, sigma, epochs, warmup_epochs, batch_size, lr, layer
   config.denoiser = base.denoiser.copy_and_resolve_references()
   config.mesh = ml_collections.ConfigDict(dict(fsdp=False))
   config.log_every = 50
+  # Profiling (README, "Progress and profiling"): profile_steps > 0 traces the steps after the
+  # first profile_start into <workdir>/plugins/profile (TensorBoard's profile tab); 0: off.
+  config.profile_start = 10
+  config.profile_steps = 0
   config.latest_every = 500
   # A resumed run stops when model, batch_size, seed, optim, epochs, task or sigma differ
   # from the workdir's config.json, unless named here ("epochs"; README, Reliability).
@@ -425,6 +433,10 @@ def diffusion_config(data, unet, schedule, *, total_steps, batch_size, lr, warmu
   # "tfdata" (rrcm_jax.diffusion.__main__); set it to force one
   config.mesh = ml_collections.ConfigDict(dict(fsdp=False))
   config.log_every = 50
+  # Profiling (README, "Progress and profiling"): profile_steps > 0 traces the steps after the
+  # first profile_start into <workdir>/plugins/profile (TensorBoard's profile tab); 0: off.
+  config.profile_start = 10
+  config.profile_steps = 0
   config.save_every = 10_000
   config.latest_every = 250
   return config

@@ -41,7 +41,9 @@ def validate_training(config, device_count=1):
   None; total_steps, epochs, steps_per_epoch >= 1 (steps_per_epoch may be None); batch
   sizes > 0, the sharded ones (batch_size, eval_batch_size) divisible by `device_count`
   (the k-NN monitor pads its batches); optim.lr (and any other *lr* key of optim)
-  a finite number > 0. Keys a config does not have are not checked.
+  a finite number > 0; profile_start, profile_steps >= 0, profile_start below the run's
+  steps when profiling (a window that runs past the last step ends with the run). Keys a
+  config does not have are not checked.
   """
   def present(key):
     try:
@@ -69,6 +71,7 @@ def validate_training(config, device_count=1):
       nearest = max(device_count, value // device_count * device_count)
       raise ValueError(f"config.{key}={value} must be divisible by the number of devices "
                        f"({device_count}), e.g. {nearest}.")
+  _check_profile(config, present)
   found, optim = present("optim")
   for key in sorted(optim.keys()) if found and hasattr(optim, "keys") else []:
     value = optim[key]
@@ -77,6 +80,25 @@ def validate_training(config, device_count=1):
       if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
           math.isfinite(value) and value > 0):
         raise ValueError(f"config.optim.{key}={value!r} must be a finite number > 0.")
+
+
+def _check_profile(config, present):
+  """profile_start, profile_steps >= 0; a window that opens before the run's last step."""
+  for key in ("profile_start", "profile_steps"):
+    found, value = present(key)
+    if found and not (_is_int(value) and value >= 0):
+      raise ValueError(f"config.{key}={value!r} must be an integer >= 0"
+                       f"{' (0: no profiling)' if key == 'profile_steps' else ''}.")
+  _, start = present("profile_start")
+  _, steps = present("profile_steps")
+  _, total = present("total_steps")
+  if not total:   # fine-tuning: epochs × steps_per_epoch, when both are known
+    _, epochs = present("epochs")
+    _, per_epoch = present("steps_per_epoch")
+    total = epochs * per_epoch if _is_int(epochs) and _is_int(per_epoch) else None
+  if steps and start is not None and _is_int(total) and start >= total:
+    raise ValueError(f"config.profile_start={start} must be below the run's {total} steps "
+                     "(the trace opens after profile_start steps), or set profile_steps=0.")
 
 
 # ----------------------------------------------------------------------------

@@ -194,8 +194,8 @@ def train(config, workdir, data=None, mesh=None, stop_after=None):
     if int(state.step) < total:
       step_fn = finetune_step.make_train_step(config, model, tx, lr_fn, task,
                                               meta["num_scales"], mesh, shardings)
-      state = _loop(config, state, step_fn, data, mesh, ckpt, writer, evals, task, total,
-                    stop_after)
+      state = _loop(config, workdir, state, step_fn, data, mesh, ckpt, writer, evals, task,
+                    total, stop_after)
     if int(state.step) >= total and not (epath.Path(workdir) / "test_results.json").exists():
       evals.test(state, abstract)
   finally:
@@ -211,7 +211,8 @@ def _global(batch, mesh):
   return parallel.global_batch(batch, mesh)
 
 
-def _loop(config, state, step_fn, data, mesh, ckpt, writer, evals, task, total, stop_after):
+def _loop(config, workdir, state, step_fn, data, mesh, ckpt, writer, evals, task, total,
+          stop_after):
   """`loop.run` with fine-tuning's rows (epoch, FLOPs), progress (accuracy) and meta."""
   start, meta, steps_per_epoch = int(state.step), evals.meta, config.steps_per_epoch
   if jax.process_index() == 0:
@@ -236,7 +237,7 @@ def _loop(config, state, step_fn, data, mesh, ckpt, writer, evals, task, total, 
       steps_per_epoch=steps_per_epoch, on_epoch=evals.on_epoch, row_fn=row,
       progress_fn=lambda r: dict(loss=r["loss"], acc=round(r["acc"], 3),
                                  img_s=round(r["images_per_s"], 1)),
-      meta_fn=checkpoint_meta)
+      meta_fn=checkpoint_meta, profile=loop.Profile.from_config(config, workdir))
 
 
 def main(argv):

@@ -100,7 +100,8 @@ def train(config, workdir, batches=None, mesh=None, stop_after=None):
         log_every=config.log_every, stop_after=stop_after,
         progress_fn=lambda row: dict(loss=row["loss"], img_s=round(row["images_per_s"], 1),
                                      N=int(row["num_scales"])),
-        meta_fn=lambda done: dict(total_steps=config.total_steps))
+        meta_fn=lambda done: dict(total_steps=config.total_steps),
+        profile=loop.Profile.from_config(config, workdir))
   finally:
     ckpt.close()
     writer.close()

@@ -95,7 +95,8 @@ def train(config, workdir, batches=None, mesh=None, stop_after=None):
         key=jax.random.key(config.seed), checkpointer=ckpt, writer=writer,
         total_steps=config.total_steps, batch_size=config.batch_size,
         log_every=config.log_every, stop_after=stop_after, row_fn=flops,
-        meta_fn=lambda done: dict(total_steps=config.total_steps, **flops(done)))
+        meta_fn=lambda done: dict(total_steps=config.total_steps, **flops(done)),
+        profile=loop.Profile.from_config(config, workdir))
   finally:
     ckpt.close()
     writer.close()
