@@ -236,8 +236,10 @@ def test_pretrain_finetune_certify_without_tensorflow(tmp_path):
   run("rrcm_jax.pretrain", "fashion_mnist_pretrain.py", "pre", "--config.total_steps=4",
       "--config.batch_size=16", "--config.model.proj_hidden=16", "--config.model.proj_out=8",
       "--config.knn_every=2", "--config.knn.bank_split=train[:32]",
-      "--config.knn.query_split=test[:16]", "--config.knn.k=5")
+      "--config.knn.query_split=test[:16]", "--config.knn.k=5",
+      "--config.profile_start=1", "--config.profile_steps=2")
   assert any("knn/ema/clean" in r for r in _rows(tmp_path / "pre"))
+  assert len(list((tmp_path / "pre" / "plugins" / "profile").glob("*/*.xplane.pb"))) == 1
   run("rrcm_jax.finetune", "fashion_mnist_finetune.py", "ft", f"--config.init_from={tmp_path / 'pre'}",
       "--config.epochs=1", "--config.steps_per_epoch=2", "--config.batch_size=16",
       "--config.eval_batch_size=8", "--config.data.val_split=train[48:]",
