@@ -78,6 +78,55 @@ def budget_flops(quick=False):
   return method_flops("rrcm", quick)
 
 
+def scaled_flops(method, scale, quick=False):
+  """Training FLOPs of `method` at the budget multiple `scale` (config argument scale=)."""
+  pre = rep.pretrain_config(quick, scale) if method == "rrcm" else None
+  config = rep.finetune_config(method, 0.25, quick, scale=scale)
+  images = config.epochs * config.steps_per_epoch * config.batch_size
+  total = flops.training_flops(STAGE_OF[method], config.model, images, rep.NUM_CLASSES)
+  if pre is not None:
+    total += flops.training_flops("pretrain", pre.model, pre.total_steps * pre.batch_size)
+  return total
+
+
+def clean_step_flops(quick=False):
+  """Training FLOPs of one step of DDS's clean classifier (batch `batch`)."""
+  return flops.training_flops("clean", rep.model_config(), rep.SIZES[quick].batch,
+                              rep.NUM_CLASSES)
+
+
+def denoiser_step_flops(quick=False):
+  """Training FLOPs of one step of DDS's denoiser: 3 × the U-Net's forward × the batch
+  (the count `python -m rrcm_jax.diffusion` logs as train_flops)."""
+  from rrcm_jax.diffusion import train  # pylint: disable=g-import-not-at-top
+  config = rep.denoiser_config(rep.CLEAN_SHARES[0], quick)
+  unet = train.build_unet(config.unet)
+  return 3 * train.unet_forward_flops(unet, config.data.image_size) * config.batch_size
+
+
+def dds_schedule(share, quick=False, budget=None):
+  """(clean classifier steps, denoiser steps) spending `share` and 1 − `share` of the
+  per-σ budget (default `budget_flops`): the DDS arm's two trainings together."""
+  budget = budget_flops(quick) if budget is None else budget
+  return (math.ceil(share * budget / clean_step_flops(quick)),
+          math.ceil((1 - share) * budget / denoiser_step_flops(quick)))
+
+
+def dds_flops(share, quick=False):
+  """(clean classifier, denoiser) training FLOPs as the config schedules them at `share`."""
+  clean_steps, denoiser_steps = rep.DDS_STEPS[quick][share]
+  return clean_steps * clean_step_flops(quick), denoiser_steps * denoiser_step_flops(quick)
+
+
+def per_sigma_flops(own, shared, served):
+  """Training FLOPs charged to one σ under the two accountings: {"full": the shared
+  training (rRCM's pre-training, DDS's denoiser and classifier) counted in full at each σ,
+  "once": divided among the `served` σ it serves}."""
+  if served < 1:
+    raise ValueError(f"served must count at least one σ, got {served}.")
+  return dict(full=own + shared, once=own + shared / served)
+
+
 def scratch_schedule(method, quick=False):
   """(epochs, steps_per_epoch) of a replication baseline that spends the budget."""
   s = rep.SIZES[quick]
@@ -105,6 +154,10 @@ def main(argv=None):
     for method in ("gaussian", "consistency"):
       epochs, steps = scratch_schedule(method, quick)
       print(f"  {method}: {epochs} epochs × {steps} steps")
+    for share in rep.CLEAN_SHARES:
+      clean, denoiser = dds_schedule(share, quick)
+      print(f"  dds, classifier share {share}: {clean} classifier steps, {denoiser} denoiser "
+            "steps")
 
 
 if __name__ == "__main__":

@@ -1,26 +1,38 @@
-r"""The replication experiment: rRCM vs Gaussian augmentation vs consistency regularization.
+r"""The replication experiment: rRCM vs Gaussian augmentation vs consistency regularization
+vs diffusion denoised smoothing (DDS) at equal training FLOPs.
 
   mkdir -p results/replication
   nohup python -m experiments.replication --root results/replication \
       > results/replication/log.txt 2>&1 &
 
 Runs every stage of configs/fashion_mnist_replication.py as its own CLI call
-(`python -m rrcm_jax.pretrain / finetune / certify
---config=configs/fashion_mnist_replication.py:stage=...`), in this order: the
-offline Fashion-MNIST preparation, the one rRCM pre-training (shared by every
-σ), then per σ the three classifiers and their certifications. Running the
-same command again resumes: a stage whose output is complete is skipped
-(pre-training: its final checkpoint; fine-tuning: test_results.json;
-certification: the report written after its last image), an interrupted one
-resumes from its own checkpoint or log. Every start, end and skip goes to
-<root>/stages.jsonl with the exact command, seed and wall time; after every
-stage <root>/summary.md is rewritten (certified accuracy at radii 0 to 1.5
-and ACR per σ and method, the classifiers' clean and noisy accuracies,
-training FLOPs, wall times) with one plot per σ, <root>/certified_sigma<σ>.png.
+(`python -m rrcm_jax.pretrain / finetune / diffusion / certify
+--config=configs/fashion_mnist_replication.py:stage=...`), in this order:
 
-Options: --sigmas 0.25,0.5  --methods rrcm,gaussian,consistency  --quick (every
-stage for a few steps, images and samples: the smoke test)  --data synthetic
-(generated images instead of Fashion-MNIST, for machines without it).
+  1. the offline Fashion-MNIST preparation and the one rRCM pre-training (shared by every σ);
+  2. rRCM's fine-tuning at the first σ from each start (`init=` ema, online, ema_debiased);
+     the start with the best validation accuracy at model-space noise s = 2σ is the one
+     used from then on (`choose_init`);
+  3. per σ: the chosen rRCM fine-tuning (beyond the first σ), the two baselines, and the
+     certification of each;
+  4. DDS: the clean classifier at each budget share of rep.CLEAN_SHARES, the share where its
+     validation accuracy saturates chosen (`choose_share`), the denoiser on the rest of the
+     budget, then DDS's certification per σ on every 4th of the certified images;
+  5. the budget multiples of --budget-scales (default 4) at the last σ: rRCM (pre-training
+     and fine-tuning × the multiple) and consistency regularization (steps × the multiple).
+
+The plan is recomputed after every stage, so the choices of 2 and 4 take effect as soon as
+their runs are complete. Running the same command again resumes: a stage whose output is
+complete is skipped (pre-training and denoiser: the final checkpoint; fine-tuning:
+test_results.json; certification: the report written after its last image), an
+interrupted one resumes from its own checkpoint or log. Every start, end and skip goes to
+<root>/stages.jsonl with the exact command, seed and wall time; after every stage
+<root>/summary.md is rewritten (`experiments.replication_summary`).
+
+Options: --sigmas 0.25,0.5  --methods rrcm,gaussian,consistency,dds  --budget-scales 4
+(comma-separated; 4,16 adds the 16× point; "none" for none)  --quick (every stage for a
+few steps, images and samples: the smoke test)  --data synthetic (generated images
+instead of Fashion-MNIST, for machines without it).
 """
 import argparse
 import dataclasses
@@ -32,19 +44,18 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-
 from configs import common
 from configs import fashion_mnist_replication as rep
-from experiments import budgets
-from rrcm_jax import certlog, report
 from rrcm_jax import workdir as workdir_lib
 
 CONFIG = "configs/fashion_mnist_replication.py"
-RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+ARMS = rep.METHODS + ("dds",)
+SCALED_METHODS = ("rrcm", "consistency")   # the arms of the larger-budget points
+SATURATION = 0.005   # DDS: a classifier share within this of the best validation accuracy
 LABELS = {"rrcm": "rRCM (pre-training + consistency fine-tuning)",
           "gaussian": "Gaussian augmentation from scratch (Cohen et al.)",
-          "consistency": "consistency regularization from scratch (Jeong & Shin)"}
+          "consistency": "consistency regularization from scratch (Jeong & Shin)",
+          "dds": "DDS (diffusion denoiser + clean classifier, Carlini et al.)"}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -53,12 +64,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ----------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Stage:
-  """One CLI call. `arg` is the config argument (None for the data preparation)."""
+  """One CLI call. `arg` is the config argument (None for the data preparation);
+  `flags` are further --config overrides of this stage."""
   name: str
   module: str
   arg: str = None
   workdir: str = None
   init_from: str = None
+  flags: tuple = ()
 
   def argv(self, overrides=()):
     if self.arg is None:
@@ -66,50 +79,169 @@ class Stage:
     flags = [f"--config={CONFIG}:{self.arg}", f"--workdir={self.workdir}"]
     if self.init_from:
       flags.append(f"--config.init_from={self.init_from}")
-    return [sys.executable, "-m", self.module, *flags, *overrides]
+    return [sys.executable, "-m", self.module, *flags, *self.flags, *overrides]
 
   def config(self):
     return rep.get_config(self.arg)
 
 
-def finetune_dir(root, method, sigma):
-  return os.path.join(root, f"{method}_sigma{sigma}")
+def scaled(name, scale):
+  """"rrcm_online" at budget multiple 4 -> "rrcm_online_x4"."""
+  return name if scale == 1 else f"{name}_x{scale}"
 
 
-def certify_dir(root, method, sigma):
-  return os.path.join(root, f"certify_{method}_sigma{sigma}")
+def rrcm_name(init):
+  return f"rrcm_{init}"
 
 
-def certify_log(root, method, sigma):
-  return os.path.join(certify_dir(root, method, sigma), f"certify_sigma{float(sigma)}.tsv")
+def pretrain_dir(root, scale=1):
+  return os.path.join(root, scaled("pretrain", scale))
 
 
-def plan(root, sigmas, methods, quick, data):
-  """The stages, in order: preparation, pre-training, then per σ train and certify."""
-  stages = [] if data != "fashion_mnist" else [Stage("prepare", "rrcm_jax.data.prepare")]
-  pretrain_dir = os.path.join(root, "pretrain")
-  if "rrcm" in methods:
-    stages.append(Stage("pretrain", "rrcm_jax.pretrain", rep.config_arg("pretrain", quick=quick),
-                        pretrain_dir))
+def finetune_dir(root, method, sigma, scale=1):
+  """method: "gaussian", "consistency", "rrcm_<init>" (or "rrcm", the earlier run's)."""
+  return os.path.join(root, f"{scaled(method, scale)}_sigma{sigma}")
+
+
+def certify_dir(root, method, sigma, scale=1):
+  return os.path.join(root, f"certify_{scaled(method, scale)}_sigma{sigma}")
+
+
+def certify_log(root, method, sigma, scale=1):
+  return os.path.join(certify_dir(root, method, sigma, scale), f"certify_sigma{float(sigma)}.tsv")
+
+
+def clean_dir(root, share):
+  """DDS's clean classifier trained on `share` of the budget."""
+  return os.path.join(root, f"dds_classifier_share{share}")
+
+
+def denoiser_dir(root, classifier_share):
+  """DDS's denoiser: the budget the classifier at `classifier_share` leaves."""
+  return os.path.join(root, f"dds_denoiser_share{1 - classifier_share}")
+
+
+def finished(workdir):
+  return os.path.exists(os.path.join(workdir, "test_results.json"))
+
+
+def last_validation(workdir, key):
+  """The last validation record's `key` ("val/clean", "val/noisy_0.5", …) of a fine-tuning
+  workdir: the accuracy of the last checkpoint, the one certified."""
+  value = next((r[key] for r in reversed(workdir_lib.read_metrics(workdir)) if key in r), None)
+  if value is None:
+    raise ValueError(f"{workdir} has test_results.json but no validation record {key}; "
+                     "its metrics.jsonl is incomplete.")
+  return value
+
+
+def init_key(sigma):
+  """The validation metric rRCM's start is chosen on: accuracy at model-space s = 2σ."""
+  return f"val/noisy_{2 * float(sigma)}"
+
+
+def choose_init(root, sigma):
+  """(the start of rRCM with the best validation accuracy at s = 2σ, {init: that accuracy})
+  over the fine-tunings `rrcm_<init>_sigma<σ>` of rep.INITS; the choice is None until
+  all of them are complete (ties: the first of rep.INITS)."""
+  done = {i: finished(finetune_dir(root, rrcm_name(i), sigma)) for i in rep.INITS}
+  values = {i: last_validation(finetune_dir(root, rrcm_name(i), sigma), init_key(sigma))
+            for i in rep.INITS if done[i]}
+  if len(values) < len(rep.INITS):
+    return None, values
+  return max(rep.INITS, key=lambda i: (values[i], -rep.INITS.index(i))), values
+
+
+def choose_share(root):
+  """(the clean classifier's budget share for DDS, {share: its validation clean accuracy}):
+  the smallest of rep.CLEAN_SHARES within SATURATION of the best, None until all are complete."""
+  values = {sh: last_validation(clean_dir(root, sh), "val/clean")
+            for sh in rep.CLEAN_SHARES if finished(clean_dir(root, sh))}
+  if len(values) < len(rep.CLEAN_SHARES):
+    return None, values
+  best = max(values.values())
+  return min(sh for sh, v in values.items() if v >= best - SATURATION), values
+
+
+def certify_stage(root, method, sigma, quick, scale=1):
+  return Stage(f"certify_{scaled(method, scale)}_sigma{sigma}", "rrcm_jax.certify",
+               rep.config_arg("certify", sigma, quick), certify_dir(root, method, sigma, scale),
+               finetune_dir(root, method, sigma, scale))
+
+
+def finetune_stage(root, method, sigma, quick, init=None, scale=1):
+  """The fine-tuning of `method` ("rrcm" with its `init`) at `sigma`."""
+  init = init if method == "rrcm" else None
+  name = rrcm_name(init) if method == "rrcm" else method
+  return Stage(f"{scaled(name, scale)}_sigma{sigma}", "rrcm_jax.finetune",
+               rep.config_arg(method, sigma, quick, init=init, scale=scale),
+               finetune_dir(root, name, sigma, scale),
+               pretrain_dir(root, scale) if method == "rrcm" else None)
+
+
+def dds_stages(root, sigmas, quick, share):
+  """The clean classifiers, and once `share` is chosen the denoiser and certifications."""
+  stages = [Stage(f"dds_classifier_share{sh}", "rrcm_jax.finetune",
+                  rep.config_arg("clean", quick=quick, share=sh), clean_dir(root, sh))
+            for sh in rep.CLEAN_SHARES]
+  if share is None:
+    return stages
+  denoiser = denoiser_dir(root, share)
+  stages.append(Stage(os.path.basename(denoiser), "rrcm_jax.diffusion",
+                      rep.config_arg("denoiser", quick=quick, share=share), denoiser))
   for sigma in sigmas:
-    for method in methods:
-      stages.append(Stage(f"{method}_sigma{sigma}", "rrcm_jax.finetune",
-                          rep.config_arg(method, sigma, quick), finetune_dir(root, method, sigma),
-                          pretrain_dir if method == "rrcm" else None))
-    for method in methods:
-      stages.append(Stage(f"certify_{method}_sigma{sigma}", "rrcm_jax.certify",
-                          rep.config_arg("certify", sigma, quick), certify_dir(root, method, sigma),
-                          finetune_dir(root, method, sigma)))
+    stages.append(Stage(f"certify_dds_sigma{sigma}", "rrcm_jax.certify",
+                        rep.config_arg("dds_certify", sigma, quick), certify_dir(root, "dds", sigma),
+                        flags=(f"--config.dds.denoiser={denoiser}",
+                               f"--config.dds.classifier={clean_dir(root, share)}")))
   return stages
+
+
+def plan(root, sigmas, methods, quick, data, scales=(), init=None, share=None):
+  """The stages, in order (module docstring). `init` / `share`: the choices of rRCM's start
+  and DDS's classifier share; None leaves out the stages that need them."""
+  stages = [] if data != "fashion_mnist" else [Stage("prepare", "rrcm_jax.data.prepare")]
+  rrcm = "rrcm" in methods
+  if rrcm:
+    stages.append(Stage("pretrain", "rrcm_jax.pretrain", rep.config_arg("pretrain", quick=quick),
+                        pretrain_dir(root)))
+    stages += [finetune_stage(root, "rrcm", sigmas[0], quick, i) for i in rep.INITS]
+  for sigma in sigmas:
+    trained = [m for m in methods if m in rep.METHODS and (m != "rrcm" or init)]
+    stages += [finetune_stage(root, m, sigma, quick, init) for m in trained
+               if m != "rrcm" or sigma != sigmas[0]]
+    stages += [certify_stage(root, rrcm_name(init) if m == "rrcm" else m, sigma, quick)
+               for m in trained]
+  if "dds" in methods:
+    stages += dds_stages(root, sigmas, quick, share)
+  sigma = sigmas[-1]
+  for scale in scales:
+    if rrcm:
+      stages.append(Stage(scaled("pretrain", scale), "rrcm_jax.pretrain",
+                          rep.config_arg("pretrain", quick=quick, scale=scale),
+                          pretrain_dir(root, scale)))
+    trained = [m for m in SCALED_METHODS if m in methods and (m != "rrcm" or init)]
+    stages += [finetune_stage(root, m, sigma, quick, init, scale) for m in trained]
+    stages += [certify_stage(root, rrcm_name(init) if m == "rrcm" else m, sigma, quick, scale)
+               for m in trained]
+  return stages
+
+
+def current_plan(root, args):
+  """`plan` with the choices the complete runs in `root` make so far."""
+  init = choose_init(root, args.sigmas[0])[0] if "rrcm" in args.methods else None
+  share = choose_share(root)[0] if "dds" in args.methods else None
+  return plan(root, args.sigmas, args.methods, args.quick, args.data, args.budget_scales,
+              init, share)
 
 
 def is_complete(stage, records):
   """Whether a stage's output is complete (its CLI would do nothing)."""
-  if stage.module == "rrcm_jax.pretrain":
+  if stage.module in ("rrcm_jax.pretrain", "rrcm_jax.diffusion"):
     steps = stage.config().total_steps
     return os.path.isdir(os.path.join(stage.workdir, "checkpoints", str(steps)))
   if stage.module == "rrcm_jax.finetune":
-    return os.path.exists(os.path.join(stage.workdir, "test_results.json"))
+    return finished(stage.workdir)
   if stage.module == "rrcm_jax.certify":
     sigma = stage.config().sigma
     return os.path.exists(os.path.join(stage.workdir, f"certify_sigma{float(sigma)}.md"))
@@ -200,61 +332,6 @@ def stage_walls(records):
   return walls
 
 
-def classifier_row(root, method, sigma, walls, budget):
-  """One Markdown row: val / test accuracies per level, training FLOPs and wall time."""
-  workdir = finetune_dir(root, method, sigma)
-  metrics = workdir_lib.read_metrics(workdir)
-  val = next((r for r in reversed(metrics) if "val/clean" in r), {})
-  flops = next((r["total_flops"] for r in reversed(metrics) if "total_flops" in r), None)
-  test_path = os.path.join(workdir, "test_results.json")
-  test = {}
-  if os.path.exists(test_path):
-    with open(test_path) as f:
-      test = json.load(f).get("last", {})
-  cells = []
-  for name in ("clean", "noisy_0.5", "noisy_1.0", "noisy_2.0"):
-    v, t = val.get(f"val/{name}"), test.get(name)
-    cells.append(f"{'–' if v is None else f'{v:.3f}'} / {'–' if t is None else f'{t:.3f}'}")
-  train_wall = walls.get(f"{method}_sigma{sigma}", 0.0)
-  if method == "rrcm":
-    train_wall += walls.get("pretrain", 0.0)
-  flops_cell = "pending" if flops is None else f"{flops / 1e12:,.2f} ({flops / budget:.3f})"
-  return (f"| {method} | " + " | ".join(cells) + f" | {flops_cell} | {train_wall / 60:.1f} | "
-          f"{walls.get(f'certify_{method}_sigma{sigma}', 0.0) / 60:.1f} |")
-
-
-def sigma_section(root, sigma, methods, walls, budget, certify_cfg, val_split):
-  """The Markdown of one σ: certified accuracies, the plot, the classifiers."""
-  lines = [f"## σ = {sigma}", ""]
-  done = [m for m in methods if os.path.exists(certify_log(root, m, sigma))]
-  logs = [certlog.read_log(certify_log(root, m, sigma)) for m in done]
-  if logs:
-    lines += [report.markdown_table([LABELS[m] for m in done], logs, radii=RADII), ""]
-    plot = os.path.join(root, f"certified_sigma{sigma}.png")
-    report.plot_certified_accuracy(plot, [LABELS[m] for m in done], logs,
-                                   title=f"Fashion-MNIST, σ = {sigma}, equal training FLOPs")
-    report.write_csv(os.path.join(root, f"certified_sigma{sigma}.csv"),
-                     [LABELS[m] for m in done], logs, radii=RADII)
-    lines += [f"![certified accuracy, σ = {sigma}]({os.path.basename(plot)})", ""]
-    per_image = certify_cfg.n0 + certify_cfg.n   # the first image also pays for compiling
-    rates = [f"{m} {per_image / max(float(np.median(log['time'])), 1e-9):,.0f}"
-             for m, log in zip(done, logs)]
-    lines += [f"Noisy samples classified per second while certifying (median image): "
-              f"{', '.join(rates)}.", ""]
-  pending = [m for m in methods
-             if not os.path.exists(certify_log(root, m, sigma)[:-len(".tsv")] + ".md")]
-  if pending:
-    lines += [f"Certification pending or incomplete: {', '.join(pending)}.", ""]
-  lines += [f"Accuracies of the base classifiers, validation ({val_split}) / test, last "
-            "checkpoint, at model-space noise s (s = 2σ: 0.5 is σ = 0.25, 1.0 is σ = 0.5); "
-            "training TFLOP with the ratio to the budget; wall minutes (rRCM's training "
-            "includes the whole shared pre-training).", "",
-            "| method | clean | s = 0.5 | s = 1.0 | s = 2.0 | training TFLOP (/ budget) | "
-            "training min | certify min |", "|" + "---|" * 8]
-  lines += [classifier_row(root, m, sigma, walls, budget) for m in methods]
-  return lines + [""]
-
-
 def stages_table(records, walls):
   """The Markdown of every stage run so far: last status, total wall time, seed, command
   (paths relative to the repository root, where the commands run)."""
@@ -268,53 +345,15 @@ def stages_table(records, walls):
   return lines
 
 
-def summary_scope(root, sigmas, methods):
-  """The σ and methods asked for, plus those an earlier call trained in `root`."""
-  trained = lambda m, s: os.path.isdir(finetune_dir(root, m, s))
-  sigmas = sorted(set(sigmas) | {s for s in common.SIGMAS
-                                 if any(trained(m, s) for m in rep.METHODS)})
-  methods = [m for m in rep.METHODS if m in methods or any(trained(m, s) for s in sigmas)]
-  return sigmas, methods
-
-
-def write_summary(root, sigmas, methods, quick, data):
-  """Rewrites <root>/summary.md (and the plots) from whatever is complete."""
-  from rrcm_jax.flops import forward_flops  # pylint: disable=g-import-not-at-top
-  records = read_records(root)
-  sigmas, methods = summary_scope(root, sigmas, methods)
-  walls = stage_walls(records)
-  pre = rep.get_config(rep.config_arg("pretrain", quick=quick))
-  certify_cfg = rep.get_config(rep.config_arg("certify", sigmas[0], quick))
-  budget = budgets.budget_flops(quick)
-  macs = forward_flops(pre.model, rep.NUM_CLASSES) / 2
-  m = pre.model
-  lines = [
-      "# Replication on Fashion-MNIST: rRCM vs Gaussian augmentation vs consistency "
-      "regularization at equal training FLOPs", "",
-      f"Written {time.strftime('%Y-%m-%d %H:%M:%S')} by `python -m experiments.replication` "
-      f"(configs/fashion_mnist_replication.py{', QUICK smoke-test sizes' if quick else ''}; "
-      f"data {data}). Partial until every stage below is done.", "",
-      f"- Model: ViT width {m.width}, depth {m.depth}, {m.num_heads} heads, patch "
-      f"{m.patch_size} on {m.image_size}×{m.image_size}×{m.channels}: {macs / 1e6:.2f} M "
-      "multiply-adds per classifier forward.",
-      f"- Training budget per σ and method: {budget / 1e12:,.2f} TFLOP (forward 1, forward + "
-      "backward 3; rRCM's pre-training counted in full at each σ).",
-      f"- Certification: CERTIFY, n0 = {certify_cfg.n0}, n = {certify_cfg.n:,}, α = "
-      f"{certify_cfg.alpha}, every {certify_cfg.every}-th image of "
-      f"{certify_cfg.data.eval_split} (at most {certify_cfg.num_images}); radii are L2 in "
-      "pixel space [0, 1]; abstentions count as wrong. Seed "
-      f"{pre.seed} in every stage.", ""]
-  for sigma in sigmas:
-    lines += sigma_section(root, sigma, methods, walls, budget, certify_cfg,
-                           rep.SIZES[quick].val_split)
-  lines += stages_table(records, walls)
-  with open(os.path.join(root, "summary.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
+def write_summary(root, args):
+  """Rewrites <root>/summary.md and its plots (`experiments.replication_summary`)."""
+  from experiments import replication_summary  # pylint: disable=g-import-not-at-top
+  replication_summary.write_summary(root, args)
 
 
 def refresh_summary(root, args):
   """write_summary for the loop: a broken summary is reported, never stops the stages."""
-  summarize_safely(lambda: write_summary(root, args.sigmas, args.methods, args.quick, args.data))
+  summarize_safely(lambda: write_summary(root, args))
 
 
 def summarize_safely(write):
@@ -336,7 +375,10 @@ def parse_args(argv):
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--root", required=True, help="directory of every workdir and the summary")
   parser.add_argument("--sigmas", default=",".join(str(s) for s in rep.SIGMAS))
-  parser.add_argument("--methods", default=",".join(rep.METHODS))
+  parser.add_argument("--methods", default=",".join(ARMS))
+  parser.add_argument("--budget-scales", "--budget-scale", dest="budget_scales", default="4",
+                      help="budget multiples run at the last σ after everything at 1× "
+                           f"(comma-separated, of {rep.SCALES[1:]}; 'none': none)")
   parser.add_argument("--quick", action="store_true", help="smoke-test sizes")
   parser.add_argument("--data", default="fashion_mnist", choices=("fashion_mnist", "synthetic"))
   args = parser.parse_args(argv)
@@ -346,10 +388,32 @@ def parse_args(argv):
     parser.error(f"--sigmas must be a comma-separated list of {common.SIGMAS}, "
                  f"got {args.sigmas!r}.")
   args.methods = args.methods.split(",")
-  if not args.methods or set(args.methods) - set(rep.METHODS):
-    parser.error(f"--methods must be a comma-separated list of {rep.METHODS}, got "
+  if not args.methods or set(args.methods) - set(ARMS):
+    parser.error(f"--methods must be a comma-separated list of {ARMS}, got "
                  f"{','.join(args.methods)!r}.")
+  text = args.budget_scales
+  try:
+    args.budget_scales = [] if text == "none" else [int(x) for x in text.split(",")]
+  except ValueError:
+    args.budget_scales = None
+  if args.budget_scales is None or not set(args.budget_scales) <= set(rep.SCALES[1:]):
+    parser.error(f"--budget-scales must be 'none' or a comma-separated list of "
+                 f"{rep.SCALES[1:]}, got {text!r}.")
   return args
+
+
+def next_stage(root, args, checked):
+  """(position, count, stage) of the first incomplete stage of the current plan, or None;
+  complete stages not yet in `checked` are recorded as skipped."""
+  stages = current_plan(root, args)
+  for k, stage in enumerate(stages, start=1):
+    if not is_complete(stage, read_records(root)):
+      return k, len(stages), stage
+    if stage.name not in checked:
+      checked.add(stage.name)
+      print(f"=== {stage.name} ({k}/{len(stages)}) is complete: skipped", flush=True)
+      append_record(root, stage=stage.name, status="skipped", workdir=stage.workdir)
+  return None
 
 
 def main(argv=None):
@@ -363,27 +427,26 @@ def main(argv=None):
   overrides = [] if args.data == "fashion_mnist" else [f"--config.data.name={args.data}"]
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  stages = plan(root, args.sigmas, args.methods, args.quick, args.data)
 
   def on_term(signum, frame):  # pylint: disable=unused-argument
     raise Interrupted("SIGTERM")
   signal.signal(signal.SIGTERM, on_term)
-  start = time.time()
+  start, checked, ran = time.time(), set(), 0
   try:
-    for k, stage in enumerate(stages, start=1):
-      if is_complete(stage, read_records(root)):
-        print(f"=== {stage.name} ({k}/{len(stages)}) is complete: skipped", flush=True)
-        append_record(root, stage=stage.name, status="skipped", workdir=stage.workdir)
-        continue
-      run_stage(root, stage, overrides if stage.arg else [], env, f"({k}/{len(stages)}) ")
+    while (todo := next_stage(root, args, checked)) is not None:
+      k, count, stage = todo
+      run_stage(root, stage, overrides if stage.arg else [], env, f"({k}/{count}) ")
+      checked.add(stage.name)
+      ran += 1
       refresh_summary(root, args)
-  except (Interrupted, KeyboardInterrupt, RuntimeError) as e:
+  except (Interrupted, KeyboardInterrupt, RuntimeError, ValueError) as e:
     print(f"error: {e or 'interrupted'}", file=sys.stderr, flush=True)
     refresh_summary(root, args)
     return 1
-  write_summary(root, args.sigmas, args.methods, args.quick, args.data)
-  print(f"\nall {len(stages)} stages complete ({(time.time() - start) / 60:.1f} min in this "
-        f"call); summary: {os.path.join(root, 'summary.md')}", flush=True)
+  write_summary(root, args)
+  print(f"\nall {len(checked)} stages complete ({ran} run, "
+        f"{(time.time() - start) / 60:.1f} min in this call); summary: "
+        f"{os.path.join(root, 'summary.md')}", flush=True)
   return 0
 
 

@@ -44,7 +44,17 @@ def test_config_builds_for_every_arg(stage, sigma, quick):
     assert config.optim.layer_decay == (0.75 if stage == "rrcm" else 1.0)
 
 
+@pytest.mark.parametrize("init", rep.INITS)
+def test_rrcm_start_sets_init_weights(init):
+  config = rep.get_config(f"stage=rrcm,sigma=0.25,init={init}")
+  assert config.init_weights == init
+  assert rep.get_config("stage=rrcm,sigma=0.25").init_weights == "ema"   # the default start
+
+
 @pytest.mark.parametrize("arg", ["", "stage=pretrain,sigma=0.25", "stage=rrcm", "stage=rrcm,sigma=0.3",
+                                 "stage=gaussian,sigma=0.25,init=ema", "stage=rrcm,sigma=0.25,init=target",
+                                 "stage=certify,sigma=0.25,scale=4", "stage=pretrain,scale=3",
+                                 "stage=clean", "stage=denoiser,share=0.3",
                                  "stage=certify,sigma=0.25,fast=True", "stage=linear,sigma=0.25",
                                  "rrcm:0.25", "stage=rrcm,sigma=0.25,quick=maybe"])
 def test_bad_arg_is_one_sentence(arg):
@@ -99,29 +109,143 @@ def test_demo_baselines_spend_the_demo_budget():
   assert shorter[1] < fashion_mnist_gaussian_scratch.STEPS_PER_EPOCH
 
 
-def test_plan_shares_one_pretraining_and_certifies_after_training():
-  stages = replication.plan("/r", [0.25, 0.5], list(rep.METHODS), quick=False,
-                            data="fashion_mnist")
+def fake_finetune(workdir, val, flops_per_epoch=None):
+  """A complete fine-tuning workdir: one validation record per value of `val` (dicts of
+  metric -> accuracy) and test_results.json."""
+  workdir.mkdir(parents=True)
+  rows = []
+  for epoch, v in enumerate(val, start=1):
+    if flops_per_epoch:
+      rows.append(dict(step=epoch, train_flops=epoch * flops_per_epoch))
+    rows.append(dict({f"val/{k}": a for k, a in v.items()}, step=epoch, epoch=epoch))
+  (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  (workdir / "test_results.json").write_text(json.dumps({"last": {"clean": 0.5}}))
+
+
+def test_plan_order_workdirs_and_choices():
+  stages = replication.plan("/r", [0.25, 0.5], list(replication.ARMS), quick=False,
+                            data="fashion_mnist", scales=[4], init="online", share=0.25)
   names = [s.name for s in stages]
-  assert names[:2] == ["prepare", "pretrain"] and names.count("pretrain") == 1
-  assert len(names) == 2 + 2 * 6
+  by = {s.name: s for s in stages}
+  inits = [f"rrcm_{i}_sigma0.25" for i in rep.INITS]
+  assert names[:5] == ["prepare", "pretrain"] + inits and names.count("pretrain") == 1
+  for i in rep.INITS:   # every start fine-tuned from the one pre-training
+    assert by[f"rrcm_{i}_sigma0.25"].init_from == "/r/pretrain"
+    assert f"--config=configs/fashion_mnist_replication.py:stage=rrcm,sigma=0.25,init={i}" in (
+        by[f"rrcm_{i}_sigma0.25"].argv())
+  # the chosen start downstream: σ = 0.5 after every start at 0.25, and both certifications
+  assert max(names.index(n) for n in inits) < names.index("rrcm_online_sigma0.5")
+  assert by["rrcm_online_sigma0.5"].arg == "stage=rrcm,sigma=0.5,init=online"
+  assert by["rrcm_online_sigma0.5"].workdir == "/r/rrcm_online_sigma0.5"
   for sigma in (0.25, 0.5):
-    for method in rep.METHODS:
+    cert = by[f"certify_rrcm_online_sigma{sigma}"]
+    assert cert.init_from == f"/r/rrcm_online_sigma{sigma}"
+    assert cert.workdir == f"/r/certify_rrcm_online_sigma{sigma}"
+    for method in rep.METHODS[1:]:
       assert names.index(f"{method}_sigma{sigma}") < names.index(f"certify_{method}_sigma{sigma}")
-  rrcm = stages[names.index("rrcm_sigma0.5")]
-  assert rrcm.init_from == "/r/pretrain"
-  assert "--config=configs/fashion_mnist_replication.py:stage=rrcm,sigma=0.5" in rrcm.argv()
-  cert = stages[names.index("certify_gaussian_sigma0.25")]
-  assert f"--config.init_from={replication.finetune_dir('/r', 'gaussian', 0.25)}" in cert.argv()
+      assert "init=" not in by[f"{method}_sigma{sigma}"].arg
+  assert not any(n.startswith(("rrcm_ema_sigma0.5", "certify_rrcm_ema_")) for n in names)
+  # DDS: the three classifiers, the denoiser on the rest of the budget, certified per σ
+  dds = [n for n in names if "dds" in n]
+  assert dds == ["dds_classifier_share0.125", "dds_classifier_share0.25", "dds_classifier_share0.5",
+                 "dds_denoiser_share0.75", "certify_dds_sigma0.25", "certify_dds_sigma0.5"]
+  assert by["dds_denoiser_share0.75"].module == "rrcm_jax.diffusion"
+  assert by["dds_denoiser_share0.75"].arg == "stage=denoiser,share=0.25"
+  assert by["dds_classifier_share0.25"].arg == "stage=clean,share=0.25"
+  argv = by["certify_dds_sigma0.5"].argv()
+  assert "--config=configs/fashion_mnist_replication.py:stage=dds_certify,sigma=0.5" in argv
+  assert "--config.dds.denoiser=/r/dds_denoiser_share0.75" in argv
+  assert "--config.dds.classifier=/r/dds_classifier_share0.25" in argv
+  # the 4× point last, at the last σ
+  x4 = ["pretrain_x4", "rrcm_online_x4_sigma0.5", "consistency_x4_sigma0.5",
+        "certify_rrcm_online_x4_sigma0.5", "certify_consistency_x4_sigma0.5"]
+  assert names[-5:] == x4
+  assert by["rrcm_online_x4_sigma0.5"].init_from == "/r/pretrain_x4"
+  assert by["rrcm_online_x4_sigma0.5"].arg == "stage=rrcm,sigma=0.5,init=online,scale=4"
+  assert by["pretrain_x4"].config().total_steps == 4 * rep.SIZES[False].pretrain_steps
+  # before the choices: no stage that needs them
+  pending = [s.name for s in replication.plan("/r", [0.25, 0.5], list(replication.ARMS), False,
+                                              "fashion_mnist", [4, 16])]
+  assert not any(n.startswith(("certify_rrcm", "rrcm_online_sigma0.5", "rrcm_online_x"))
+                 or "denoiser" in n or "certify_dds" in n for n in pending)
+  assert pending[-2:] == ["consistency_x16_sigma0.5", "certify_consistency_x16_sigma0.5"]
   only = [s.name for s in replication.plan("/r", [0.5], ["gaussian"], quick=True, data="synthetic")]
   assert only == ["gaussian_sigma0.5", "certify_gaussian_sigma0.5"]
 
 
+def test_init_choice_is_the_best_validation_at_2_sigma(tmp_path):
+  accs = {"ema": 0.70, "online": 0.78, "ema_debiased": 0.74}
+  for i, a in list(accs.items())[:2]:
+    # val/noisy_0.5 decides at σ = 0.25 (the last record, the certified checkpoint);
+    # clean accuracy points the other way and must not matter
+    fake_finetune(tmp_path / f"rrcm_{i}_sigma0.25",
+                  [{"clean": 0.9, "noisy_0.5": 0.99}, {"clean": 1 - a, "noisy_0.5": a}])
+  assert replication.choose_init(str(tmp_path), 0.25) == (None, {"ema": 0.70, "online": 0.78})
+  fake_finetune(tmp_path / "rrcm_ema_debiased_sigma0.25", [{"clean": 0.1, "noisy_0.5": 0.74}])
+  assert replication.choose_init(str(tmp_path), 0.25) == ("online", accs)
+  args = replication.parse_args(["--root", str(tmp_path), "--methods", "rrcm"])
+  names = [s.name for s in replication.current_plan(str(tmp_path), args)]
+  assert "rrcm_online_sigma0.5" in names and "certify_rrcm_online_x4_sigma0.5" in names
+
+
+def test_share_choice_is_where_clean_accuracy_saturates(tmp_path):
+  for share, acc in zip(rep.CLEAN_SHARES, (0.80, 0.868, 0.871)):
+    fake_finetune(tmp_path / f"dds_classifier_share{share}", [{"clean": acc}])
+  share, values = replication.choose_share(str(tmp_path))
+  assert share == 0.25 and values[0.5] == 0.871     # 0.868 is within 0.005 of the best
+
+
+def test_dds_arm_spends_the_budget():
+  budget = budgets.budget_flops()
+  for quick in (False, True):
+    for share in rep.CLEAN_SHARES:
+      assert rep.DDS_STEPS[quick][share] == budgets.dds_schedule(share, quick)
+      classifier, denoiser = budgets.dds_flops(share, quick)
+      if not quick:
+        assert classifier + denoiser == pytest.approx(budget, rel=0.005)
+        assert classifier == pytest.approx(share * budget, rel=0.005)
+  config = rep.get_config("stage=clean,share=0.25")
+  assert config.task == "clean" and config.init_from is None
+  assert config.epochs * config.steps_per_epoch == rep.DDS_STEPS[False][0.25][0]
+  denoiser = rep.get_config("stage=denoiser,share=0.25")
+  assert denoiser.total_steps == rep.DDS_STEPS[False][0.25][1]
+  assert denoiser.data.train_split == "train[:90%]" and denoiser.seed == rep.SEED
+  cert = rep.get_config("stage=dds_certify,sigma=0.25")
+  assert cert.method == "dds" and cert.every == 200 and cert.num_images == 50
+  assert (cert.n0, cert.n, cert.alpha) == (100, 10_000, 0.001)
+
+
+def test_two_accountings_of_shared_training():
+  pre = budgets.pretrain_flops()
+  own = budgets.method_flops("rrcm") - pre
+  charged = budgets.per_sigma_flops(own, pre, served=2)
+  assert charged["full"] == pytest.approx(budgets.budget_flops())
+  assert charged["once"] == pytest.approx(own + pre / 2)
+  assert charged["once"] < charged["full"]
+  assert budgets.per_sigma_flops(5.0, 0.0, served=2) == dict(full=5.0, once=5.0)
+  with pytest.raises(ValueError, match="at least one"):
+    budgets.per_sigma_flops(own, pre, served=0)
+
+
+@pytest.mark.parametrize("scale", [4, 16])
+def test_scaled_points_spend_the_multiple_of_the_budget(scale):
+  budget = budgets.budget_flops()
+  for method in replication.SCALED_METHODS:
+    assert budgets.scaled_flops(method, scale) == pytest.approx(scale * budget, rel=0.01)
+  assert budgets.scaled_flops("rrcm", 1) == pytest.approx(budget)
+  config = rep.get_config(f"stage=pretrain,scale={scale}")
+  assert config.total_steps == scale * rep.SIZES[False].pretrain_steps
+
+
 def test_bad_options_are_one_sentence(capsys):
-  for argv in (["--root", "x", "--methods", "rrcm,cohen"], ["--root", "x", "--sigmas", "0.3"]):
+  for argv in (["--root", "x", "--methods", "rrcm,cohen"], ["--root", "x", "--sigmas", "0.3"],
+               ["--root", "x", "--budget-scales", "3"]):
     with pytest.raises(SystemExit):
       replication.parse_args(argv)
-  assert "--sigmas must be" in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert "--sigmas must be" in err and "--budget-scales must be" in err
+  args = replication.parse_args(["--root", "x", "--budget-scale", "4,16"])
+  assert args.budget_scales == [4, 16] and args.methods == list(replication.ARMS)
 
 
 def run_quick(root, module="experiments.replication", *flags):
