@@ -10,7 +10,10 @@ The classifier is a fine-tuning workdir's checkpoint (`config.checkpoint`:
 (`log_path`) gets one flushed line per image; a restart skips the images
 already logged and never truncates the log. The settings it was made with
 (classifier, sigma, n0, n, alpha, seed, images) are kept beside it in .json,
-and a restart with other settings stops with one sentence. At the end the
+and a restart with other settings stops with one sentence. They also record
+`inference_flops_per_sample` (`inference_flops`: what one noisy sample costs;
+the log's `time` column holds the measured seconds per image), which a
+restart does not compare. At the end the
 report table (`rrcm_jax.report`) is printed and written beside the log (.md).
 
 Several processes (jax.distributed, `parallel.initialize_distributed`): image
@@ -38,11 +41,13 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from rrcm_jax import certlog, classifier, models, parallel, report, smoothing
+from rrcm_jax import certlog, classifier, flops, models, parallel, report, smoothing
 from rrcm_jax.diffusion import base_classifier
+from rrcm_jax.diffusion import train as diffusion_train
 from rrcm_jax import workdir as workdir_lib
 
 MODES = ("certify", "predict")
@@ -121,7 +126,8 @@ def check_settings(path, settings):
   if not sidecar.exists():
     return
   saved = json.loads(sidecar.read_text())["settings"]
-  flat = lambda s: dict({k: v for k, v in s.items() if k != "classifier"},
+  flat = lambda s: dict({k: v for k, v in s.items()
+                         if k not in ("classifier", "inference_flops_per_sample")},
                         **{f"classifier.{k}": v for k, v in s["classifier"].items()
                            if k != "train_flops"})
   saved, ours = flat(saved), flat(settings)
@@ -309,7 +315,8 @@ def run(config, workdir, images=None):
   done = logged_indices(path, config.mode)
   mesh, chunk_size = _local_mesh_and_chunk(config)
   logits_fn, params, num_classes, logits_input, record, extra = load_base_classifier(config, mesh)
-  settings = dict(run_settings(config, record), **extra)
+  settings = dict(run_settings(config, record), **extra,
+                  inference_flops_per_sample=inference_flops(config, logits_fn, params))
   check_settings(path, settings)
   certlog.check_or_write_settings(path, settings, write=False)   # written in _write_records
   images = select_images(config) if images is None else images
@@ -361,6 +368,23 @@ def load_base_classifier(config, mesh):
   record = dds_record.pop("classifier")
   extra = dict(method="dds", denoiser=dds_record.pop("denoiser"), dds=dds_record)
   return logits_fn, params, num_classes, "clean_and_noise", record, extra
+
+
+def inference_flops(config, logits_fn, params):
+  """FLOPs (2 per multiply-add) of one noisy sample through the base classifier.
+
+  rRCM (and every classifier smoothed directly): one forward of the ViT with its
+  head, `flops.forward_flops` of config.model (the checkpoint's architecture is
+  checked against it). DDS: the convolutions and matmuls of `logits_fn`'s jaxpr
+  for one sample (`diffusion.train.matmul_flops`: the U-Net call at t*, the
+  resize to the classifier's resolution, the classifier), traced on shapes only.
+  """
+  if config.method != "dds":
+    return float(flops.forward_flops(config.model, _num_classes(params)))
+  data = config.data
+  image = jax.ShapeDtypeStruct((1, data.image_size, data.image_size, data.channels), jnp.float32)
+  shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+  return diffusion_train.matmul_flops(logits_fn, shapes, image, image)
 
 
 def described(record, extra):

@@ -377,7 +377,9 @@ def _compare(path, saved, ours, ignore):
                        f"{ours.get(key)!r}; restart with the same settings or use another workdir.")
 
 
-def check_or_write_settings(path, settings, ignore=("classifier.train_flops",), write=True):
+def check_or_write_settings(path, settings,
+                            ignore=("classifier.train_flops", "inference_flops_per_sample"),
+                            write=True):
   """Binds the log at `path` to `settings` (a JSON-able dict with "mode": what its rows
   depend on), so that a restart with other settings cannot append to it.
 

@@ -1,13 +1,20 @@
 """experiments/figure1.py: Points from certification logs, the cost table, the figure, the CLI."""
+import json
 import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from experiments import figure1
-from rrcm_jax import certlog
+from rrcm_jax import certify, certlog, classifier, flops, parallel
+from rrcm_jax.diffusion import dds
+from rrcm_jax.diffusion import train as diffusion_train
+from test_certify import shared_finetune_workdir, tiny_certify_config
+from test_dds_cli import diffusion_config
 
 # (idx, label, predict, radius, seconds) of a synthetic log; predict -1 = abstain.
 ROWS = [(0, 3, 3, 0.9, 2.0), (10, 1, 1, 0.3, 1.0), (20, 2, 5, 0.7, 1.25), (30, 4, -1, 0.0, 4.0),
@@ -101,6 +108,46 @@ def test_log_without_flops_needs_gflop(tmp_path, capsys):
   assert exit_info.value.code == 2
   assert "does not exist" in capsys.readouterr().err
   assert not os.path.exists(tmp_path / "f.png")
+
+
+def test_certify_records_inference_flops_and_old_logs_resume(tmp_path_factory, tmp_path):
+  classifier_dir = shared_finetune_workdir(tmp_path_factory)
+  config = tiny_certify_config(classifier_dir, num_images=2)
+  certify.run(config, str(tmp_path))
+  path = str(tmp_path / "certify_sigma0.25.tsv")
+  expected = flops.forward_flops(config.model, num_classes=4)
+  assert certlog.read_settings(path)["inference_flops_per_sample"] == expected
+  point = figure1.load_point(path)
+  assert (point.flops_per_sample, point.images, point.n0, point.n) == (expected, 2, 16, 64)
+  # A log written before the count was recorded resumes, and keeps its settings as they were.
+  for sidecar in (certlog.settings_path(path), certlog.stem(path) + ".json"):
+    with open(sidecar) as f:
+      record = json.load(f)
+    del record["settings"]["inference_flops_per_sample"]
+    with open(sidecar, "w") as f:
+      json.dump(record, f)
+  result = certify.run(tiny_certify_config(classifier_dir, num_images=3), str(tmp_path))
+  assert (result["certified"], result["skipped"]) == (1, 2)
+  assert "inference_flops_per_sample" not in certlog.read_settings(path)
+
+
+def test_dds_inference_flops_are_the_denoiser_and_the_classifier(tmp_path_factory):
+  """DDS's count over the whole denoise-and-classify function is the U-Net's forward plus the
+  classifier's analytic forward (no resize at the data's size)."""
+  model, params, info = classifier.load_classifier(
+      shared_finetune_workdir(tmp_path_factory), "last", parallel.make_mesh(jax.devices()[:1]))
+  predict = classifier.level_logits_fn(model, info["num_scales"], info["denoiser"])
+  unet = diffusion_train.build_unet(diffusion_config().unet)
+  logits_fn = dds.make_logits_fn(unet, lambda p, x: predict(p, x, 0.0),
+                                 dds.dds_step(0.25, "cosine", 1000, False))
+  image = jax.ShapeDtypeStruct((1, 8, 8, 1), jnp.float32)
+  unet_params = jax.eval_shape(unet.init, jax.random.key(0), image, jnp.zeros((1,)))
+  config = tiny_certify_config(None, method="dds")
+  counted = certify.inference_flops(config, logits_fn,
+                                    dict(denoiser=unet_params, classifier=params))
+  expected = (diffusion_train.unet_forward_flops(unet, 8) +
+              flops.forward_flops(info["model"], num_classes=4))
+  assert counted == expected > flops.forward_flops(info["model"], num_classes=4)
 
 
 @pytest.mark.slow

@@ -171,8 +171,13 @@ def unet_forward_flops(unet, image_size):
   x = jnp.zeros((1, image_size, image_size, unet.in_channels), jnp.float32)
   t = jnp.zeros((1,), jnp.float32)
   variables = jax.eval_shape(unet.init, jax.random.key(0), x, t)
-  jaxpr = jax.make_jaxpr(lambda v: unet.apply(v, x, t))(variables)
-  return float(_matmul_flops(jaxpr.jaxpr))
+  return matmul_flops(lambda v: unet.apply(v, x, t), variables)
+
+
+def matmul_flops(fn, *args):
+  """FLOPs (2 per multiply-add) of the convolutions and matmuls in the jaxpr of fn(*args);
+  args may be arrays or jax.ShapeDtypeStruct trees (nothing is computed)."""
+  return float(_matmul_flops(jax.make_jaxpr(fn)(*args).jaxpr))
 
 
 def _matmul_flops(jaxpr):
