@@ -32,6 +32,16 @@
 # Example:
 #   RRCM_ROOT=gs://my-bucket/rrcm launch/paper.sh run pretrain-imagenet-rcmb \
 #     --launcher tpu --name rrcm-b --zone us-east5-a --accelerator-type v5p-64 --spot
+#
+# Figure 1 (certified accuracy at r = 0.25, 0.5 against seconds per certified image) from
+# the certify-* and dds-* rows' logs, $RRCM_ROOT/ROW/certify_sigmaSIGMA.tsv; their settings
+# record the FLOPs per noisy sample (README.md, "Figure 1 from any logs"), e.g. CIFAR-10:
+#   R=${RRCM_ROOT:-./workdirs}; python -m experiments.figure1 --out "$R/figure1_cifar10.png" \
+#     --table "$R/figure1_cifar10.md" --logs \
+#     "rRCM σ=0.25=$R/certify-cifar10-0.25/certify_sigma0.25.tsv" \
+#     "rRCM σ=0.5=$R/certify-cifar10-0.5/certify_sigma0.5.tsv" \
+#     "DDS σ=0.25=$R/dds-cifar10-0.25/certify_sigma0.25.tsv" \
+#     "DDS σ=0.5=$R/dds-cifar10-0.5/certify_sigma0.5.tsv"
 set -euo pipefail
 
 readonly PROG="paper.sh"
