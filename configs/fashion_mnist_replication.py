@@ -23,6 +23,17 @@ the classifiers see 2σ in model space). The argument (`stage=`, `sigma=`,
           --config=configs/fashion_mnist_replication.py:stage=certify,sigma=0.25 \
           --workdir=ROOT/certify_rrcm_sigma0.25 --config.init_from=ROOT/rrcm_sigma0.25
 
+  stage=rrcm,sigma=S,init=I    rRCM from start I of INITS (ema, online, ema_debiased:
+                               config.init_weights); the driver keeps the best on validation
+  stage=clean,share=F          DDS's clean classifier (task "clean") on F of the budget,
+                               F in CLEAN_SHARES = 0.125, 0.25, 0.5
+  stage=denoiser,share=F       DDS's denoiser (python -m rrcm_jax.diffusion, U-Net
+                               fashion_mnist_tiny, 0.096 GFLOP per forward, batch 64) on 1 − F
+  stage=dds_certify,sigma=S    CERTIFY of DDS, the protocol below on every 200th test image
+                               (50 images), with --config.dds.denoiser / .classifier
+  scale=4 or 16                (pretrain, rrcm, gaussian, consistency) the budget × 4 or × 16:
+                               pre-training steps, rRCM's epochs, a baseline's steps per epoch
+
 `quick=True` gives the same model and the same FLOP matching on a few steps,
 images and samples (the smoke test of `experiments.replication --quick`).
 

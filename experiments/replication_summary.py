@@ -205,7 +205,9 @@ def accounting_section(root, sigmas, init, share, quick):
           ("DDS", "dds", 0.0, dds_shared)]
   for sigma in sigmas:
     for label, key, own, shared in rows:
-      if key is None or shared is None:
+      if key is None or shared is None or not (
+          os.path.isdir(driver.finetune_dir(root, key, sigma)) or
+          os.path.isdir(driver.certify_dir(root, key, sigma))):
         continue
       charged = budgets.per_sigma_flops(own, shared, served)
       log = driver.certify_log(root, key, sigma)
@@ -268,9 +270,8 @@ def inference_flops(log):
   if settings.get("inference_flops_per_sample"):
     return None
   vit = flops.forward_flops(rep.model_config(), rep.NUM_CLASSES)
-  if settings.get("method") == "dds":
-    quick = rep.SIZES[True].n == settings.get("n")
-    vit += budgets.denoiser_step_flops(quick) / rep.SIZES[quick].denoiser_batch / 3
+  if settings.get("method") == "dds":   # one U-Net forward per noisy sample (one-step denoising)
+    vit += budgets.denoiser_step_flops() / rep.SIZES[False].denoiser_batch / 3
   return vit
 
 

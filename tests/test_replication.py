@@ -251,7 +251,7 @@ def test_bad_options_are_one_sentence(capsys):
 def run_quick(root, module="experiments.replication", *flags):
   env = dict(os.environ, XLA_FLAGS="", PYTHONUNBUFFERED="1",
              JAX_COMPILATION_CACHE_DIR=str(REPO / ".jax_cache"))
-  flags = flags or ("--sigmas=0.25", "--methods=rrcm")
+  flags = flags or ("--sigmas=0.25", "--methods=rrcm", "--budget-scales=none")
   return subprocess.run(
       [sys.executable, "-m", module, f"--root={root}", *flags, "--quick", "--data=synthetic"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
@@ -293,21 +293,28 @@ def test_quick_run_end_to_end_then_resumes(tmp_path):
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   records = [json.loads(line) for line in (root / "stages.jsonl").read_text().splitlines()]
   done = {r["stage"]: r for r in records if r["status"] == "done"}
-  assert set(done) == {"pretrain", "rrcm_sigma0.25", "certify_rrcm_sigma0.25"}
+  init, values = replication.choose_init(str(root), 0.25)
+  assert init in rep.INITS and values[init] == max(values.values())
+  assert set(done) == ({"pretrain", f"certify_rrcm_{init}_sigma0.25"} |
+                       {f"rrcm_{i}_sigma0.25" for i in rep.INITS})
   assert all(r["seed"] == 0 and r["wall_s"] > 0 for r in done.values())
-  assert done["rrcm_sigma0.25"]["command"].startswith(
+  assert done["rrcm_online_sigma0.25"]["command"].startswith(
       "python -m rrcm_jax.finetune "
-      "--config=configs/fashion_mnist_replication.py:stage=rrcm,sigma=0.25,quick=True")
+      "--config=configs/fashion_mnist_replication.py:stage=rrcm,sigma=0.25,init=online,quick=True")
+  saved = json.loads((root / "rrcm_online_sigma0.25" / "config.json").read_text())
+  assert saved["init_weights"] == "online"
   summary = (root / "summary.md").read_text()
   assert "## σ = 0.25" in summary and "| r = 1.5 | ACR |" in summary
-  assert "| rRCM (pre-training + consistency fine-tuning) | 3 |" in summary
+  assert f"| rRCM ({init} start) | 3 |" in summary and f"Chosen: **{init}**." in summary
+  assert "## Training FLOPs under two accountings" in summary
   assert "pending" not in summary
   assert (root / "certified_sigma0.25.png").stat().st_size > 0
+  assert (root / "figure1.png").stat().st_size > 0
 
   again = run_quick(root)   # everything complete: every stage skipped, the summary rewritten
   assert again.returncode == 0, again.stderr[-3000:]
   records = [json.loads(line) for line in (root / "stages.jsonl").read_text().splitlines()]
-  assert [r["status"] for r in records[-3:]] == ["skipped"] * 3
+  assert [r["status"] for r in records[-5:]] == ["skipped"] * 5
   assert (root / "summary.md").exists()
 
   other = subprocess.run([sys.executable, "-m", "experiments.replication", f"--root={root}"],
@@ -330,8 +337,8 @@ def test_quick_run_end_to_end_then_resumes(tmp_path):
   assert json.loads((croot / "finetune_10ep_finetune" / "config.json").read_text())["epochs"] == 10
   summary = (croot / "summary.md").read_text()
   rows = [line for line in summary.splitlines() if line.startswith("| weak_crops |")
-          or line.startswith("| finetune_10ep |") or line.startswith("| replication: rrcm |")]
-  assert len(rows) == 3 and all("–" not in row for row in rows), rows
+          or line.startswith("| finetune_10ep |")]
+  assert len(rows) == 2 and all("–" not in row for row in rows), rows
 
 
 def test_summary_errors_warn_but_a_sigterm_while_writing_stops(monkeypatch, capsys):
