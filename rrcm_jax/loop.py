@@ -12,8 +12,8 @@ updates the progress line, runs the per-epoch hook and offers the state to
 the checkpointer (forced at an epoch's end and when stopping).
 
 Profiling (`Profile`, what CLU's `periodic_actions.Profile` does, without
-TensorFlow): config.profile_steps > 0 traces the steps from
-config.profile_start on with `jax.profiler` into <workdir>/plugins/profile/,
+TensorFlow): config.profile_steps > 0 traces that many steps after the first
+config.profile_start with `jax.profiler` into <workdir>/plugins/profile/,
 where TensorBoard's profile tab (XProf) finds it. Each step runs inside a
 `jax.profiler.StepTraceAnnotation`, so the trace shows steps.
 
