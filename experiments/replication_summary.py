@@ -356,8 +356,8 @@ def write_summary(root, args):
       f"{dds_cfg.every}th ({dds_cfg.num_images} images: every 4th of those, its U-Net being "
       "slow on this CPU). Radii are L2 in pixel space [0, 1]; abstentions count as wrong. "
       f"Seed {pre.seed} in every stage.",
-      f"- Wall time of the pre-training: {now / 60:.1f} min (the earlier one: "
-      f"{earlier / 60:.1f} min).", ""]
+      f"- Wall time of the pre-training: {now / 60:.1f} min" +
+      (f" (the earlier one: {earlier / 60:.1f} min)." if earlier else "."), ""]
   init = share = None
   if "rrcm" in args.methods:
     part, init = init_section(root, args.sigmas[0])
