@@ -114,8 +114,9 @@ def dds_schedule(share, quick=False, budget=None):
 
 def dds_flops(share, quick=False):
   """(clean classifier, denoiser) training FLOPs as the config schedules them at `share`."""
-  clean_steps, denoiser_steps = rep.DDS_STEPS[quick][share]
-  return clean_steps * clean_step_flops(quick), denoiser_steps * denoiser_step_flops(quick)
+  clean = rep.clean_config(share, quick)
+  return (clean.epochs * clean.steps_per_epoch * clean_step_flops(quick),
+          rep.denoiser_config(share, quick).total_steps * denoiser_step_flops(quick))
 
 
 def per_sigma_flops(own, shared, served):
