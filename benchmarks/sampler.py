@@ -151,18 +151,30 @@ def _computations(hlo_text):
   return bodies
 
 
+def _called_text(bodies, line, depth=3):
+  """The text of the computations an instruction calls (fusions, while bodies), nested."""
+  callees = re.findall(r"(?:calls|body|to_apply)=%([\w.\-]+)", line)
+  if not callees or depth == 0:
+    return line
+  return "\n".join([line] + [_called_text(bodies, inner, depth - 1)
+                             for callee in callees for inner in bodies.get(callee, [])])
+
+
 def kernel_kinds(hlo_text):
-  """{instruction name: kind} for every instruction of a compiled module."""
+  """{instruction name: kind} for every top-level instruction of a compiled module."""
   bodies, kinds = _computations(hlo_text), {}
-  for lines in bodies.values():
+  entry = re.search(r"^ENTRY %(\S+) ", hlo_text, re.M)
+  # Top-level thunks only: a while loop's event spans its body's thunks (no double count).
+  for lines in ([bodies[entry.group(1)]] if entry else bodies.values()):
     for line in lines:
       inst = re.match(r"\s*(?:ROOT )?%(\S+) = ", line)
       if not inst:
         continue
-      callee = re.search(r"calls=%([\w.\-]+)", line)
-      body = "\n".join(bodies.get(callee.group(1), [])) if callee else line
+      body = _called_text(bodies, line)
       if " dot(" in body or " convolution(" in body:
         kind = "matmul (+fused LN, bias, softmax)"
+      elif "threefry" in body or " shift-right-logical(" in body or "erf_inv" in body:
+        kind = "noise (threefry, erf-inv)"   # before GELU: erf_inv's metadata says "erf"
       elif "erf" in body:
         kind = "GELU (erf)"
       elif " exponential(" in body:
@@ -171,8 +183,6 @@ def kernel_kinds(hlo_text):
         kind = "reductions (LayerNorm)"
       elif " transpose(" in body or " copy(" in body:
         kind = "transposes, copies"
-      elif "threefry" in body or " shift-right-logical(" in body or " erf-inv(" in body:
-        kind = "noise (threefry, erf-inv)"
       else:
         kind = "other elementwise"
       kinds[inst.group(1)] = kind

@@ -36,6 +36,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from scipy import stats
 
+from rrcm_jax import noise
+
 SELECTION_STREAM = 0   # CERTIFY's n0 samples that pick the class
 ESTIMATION_STREAM = 1  # CERTIFY's n samples that bound its probability
 PREDICTION_STREAM = 2  # PREDICT's n samples
@@ -224,28 +226,25 @@ class Sampler:
     shape = images.shape[1:]
     samples = self._shard(start + jnp.arange(chunk_size, dtype=jnp.int32))
     image_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(key, i), stream))(indices)
-
-    def sample_noise(j):  # [m, H, W, C], one key per (image, sample)
-      keys = jax.vmap(lambda k: jax.random.fold_in(k, j))(image_keys)
-      return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
-
-    return self._shard(jax.vmap(sample_noise)(samples))
+    keys = jax.vmap(lambda j: jax.vmap(lambda k: jax.random.fold_in(k, j))(image_keys))(samples)
+    # = jax.random.normal(keys[j, i], shape) for each (sample, image), in one pass.
+    return self._shard(noise.normal(keys, shape))
 
   def _noisy_batch(self, images, indices, key, stream, start, sigma, *, chunk_size):
     """Model-space noisy inputs [chunk_size * m, H, W, C]; see `noisy_inputs`."""
     m, shape = images.shape[0], images.shape[1:]
-    noise = self._unit_noise(images, indices, key, stream, start, chunk_size)
-    pixels = images[None] + sigma * noise                   # v = x + sigma * eps, pixel space
+    eps = self._unit_noise(images, indices, key, stream, start, chunk_size)
+    pixels = images[None] + sigma * eps                     # v = x + sigma * eps, pixel space
     x_model = (pixels - 0.5) / 0.5                          # model space: noise std 2 * sigma
     return self._shard(x_model.reshape((chunk_size * m,) + shape))
 
   def _clean_and_noise_batch(self, images, indices, key, stream, start, *, chunk_size):
     """(x [chunk_size * m, H, W, C] pixel space, eps of the same shape); see `clean_and_noise`."""
     m, shape = images.shape[0], images.shape[1:]
-    noise = self._unit_noise(images, indices, key, stream, start, chunk_size)
-    repeated = jnp.broadcast_to(images[None], noise.shape)
+    eps = self._unit_noise(images, indices, key, stream, start, chunk_size)
+    repeated = jnp.broadcast_to(images[None], eps.shape)
     flat = (chunk_size * m,) + shape
-    return self._shard(repeated.reshape(flat)), self._shard(noise.reshape(flat))
+    return self._shard(repeated.reshape(flat)), self._shard(eps.reshape(flat))
 
   def _logits(self, params, images, indices, key, stream, start, sigma, chunk_size):
     """logits_fn on the chunk's samples, in the form `logits_input` names."""

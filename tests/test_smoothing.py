@@ -265,3 +265,19 @@ def test_clean_and_noise_inputs_are_the_noisy_inputs_draws():
 def test_unknown_logits_input():
   with pytest.raises(ValueError, match=r"logits_input must be one of \('noisy', 'clean_and_noise'\)"):
     smoothing.Sampler(linear_logits, 2, 0.5, logits_input="denoised")
+
+
+def test_noise_is_the_documented_stream():
+  """Sample j of image i in stream s: normal(fold_in(fold_in(fold_in(key, i), s), j))."""
+  _, images = mlp_problem()
+  sigma, start, chunk = 0.5, 40, 8
+  sampler = smoothing.Sampler(mlp_logits, 5, sigma, chunk_size=chunk, seed=3)
+  x_model = np.asarray(sampler.noisy_inputs(images, [3, 7], smoothing.SELECTION_STREAM, start, chunk))
+  key = jax.random.key(3)
+  for j in (0, chunk - 1):
+    for row, index in enumerate((3, 7)):
+      k = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, index),
+                                                smoothing.SELECTION_STREAM), start + j)
+      eps = np.asarray(jax.random.normal(k, images.shape[1:], jnp.float32))
+      expected = (images[row] + np.float32(sigma) * eps - 0.5) / 0.5
+      np.testing.assert_allclose(x_model[j * 2 + row], expected, rtol=0, atol=1e-6)
