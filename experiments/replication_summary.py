@@ -296,34 +296,43 @@ def cost_section(root, sigmas, init, scales):
   return lines
 
 
-def first_pretrain_start(root):
-  """When the current pre-training first started (its runs.jsonl), or None."""
+def seconds(stamp):
+  return time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S"))
+
+
+def current_pretrain_since(root, records):
+  """When the current pre-training started (seconds since the epoch, None without one): the
+  driver's start record just before its first run (<root>/pretrain/runs.jsonl), else that run;
+  earlier "pretrain" records belong to the earlier pre-training."""
   path = os.path.join(driver.pretrain_dir(root), "runs.jsonl")
   if not os.path.exists(path):
     return None
   with open(path) as f:
-    return json.loads(f.readline())["time"]
+    first = seconds(json.loads(f.readline())["time"])
+  starts = [seconds(r["time"]) for r in records if r["stage"] == "pretrain"
+            and r["status"] == "started" and first - 120 <= seconds(r["time"]) <= first]
+  return min(starts, default=first)
 
 
 def label_earlier(records, root):
   """The records with the earlier pre-training's stage renamed "pretrain (earlier)"."""
-  first = first_pretrain_start(root)
-  return [dict(r, stage="pretrain (earlier)") if r["stage"] == "pretrain" and first
-          and r["time"] < first else r for r in records]
+  since = current_pretrain_since(root, records)
+  return [dict(r, stage="pretrain (earlier)") if r["stage"] == "pretrain" and since
+          and seconds(r["time"]) < since else r for r in records]
 
 
 def pretrain_walls(root, records):
-  """(seconds of the current pre-training, of the earlier one): the driver's records since
-  the current run's first start (<root>/pretrain/runs.jsonl), else that run's own span."""
-  first = first_pretrain_start(root)
-  ours = [r for r in records if r["stage"] == "pretrain" and "wall_s" in r]
-  now = sum(r["wall_s"] for r in ours if first is None or r["time"] >= first)
-  earlier = sum(r["wall_s"] for r in ours if first is not None and r["time"] < first)
-  if not now and first:
+  """(seconds of the current pre-training, of the earlier one): the driver's records of each,
+  or for a current one run outside the driver its own span (first run to final checkpoint)."""
+  since = current_pretrain_since(root, records)
+  ours = [r for r in label_earlier(records, root) if "wall_s" in r]
+  now = sum(r["wall_s"] for r in ours if r["stage"] == "pretrain")
+  earlier = sum(r["wall_s"] for r in ours if r["stage"] == "pretrain (earlier)")
+  if not now and since:
     steps = rep.pretrain_config(False).total_steps
     final = os.path.join(driver.pretrain_dir(root), "checkpoints", str(steps))
     if os.path.isdir(final):
-      now = os.path.getmtime(final) - time.mktime(time.strptime(first, "%Y-%m-%d %H:%M:%S"))
+      now = os.path.getmtime(final) - since
   return now, earlier
 
 
