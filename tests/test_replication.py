@@ -361,3 +361,17 @@ def test_stages_table_shows_commands_relative_to_the_repository():
   lines = replication.stages_table([record], replication.stage_walls([record]))
   assert lines[-1] == ("| pretrain | done | 1.0 | 0 | `python -m rrcm_jax.pretrain "
                        "--workdir=results/replication/pretrain` |")
+
+
+def test_summary_tells_the_earlier_pretraining_from_the_current(tmp_path):
+  from experiments import replication_summary   # pylint: disable=g-import-not-at-top
+  (tmp_path / "pretrain").mkdir()
+  (tmp_path / "pretrain" / "runs.jsonl").write_text(
+      json.dumps({"time": "2026-11-30 05:27:25"}) + "\n")
+  records = [dict(stage="pretrain", status="started", time="2026-11-26 12:54:25"),
+             dict(stage="pretrain", status="done", time="2026-11-26 13:12:17", wall_s=1073.0),
+             dict(stage="pretrain", status="started", time="2026-11-30 05:27:24"),
+             dict(stage="pretrain", status="done", time="2026-11-30 06:00:00", wall_s=1900.0)]
+  labelled = replication_summary.label_earlier(records, str(tmp_path))
+  assert [r["stage"] for r in labelled] == ["pretrain (earlier)"] * 2 + ["pretrain"] * 2
+  assert replication_summary.pretrain_walls(str(tmp_path), records) == (1900.0, 1073.0)
