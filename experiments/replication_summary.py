@@ -228,8 +228,9 @@ def accounting_section(root, sigmas, init, share, quick):
             "what a run sized to it would reach):"]
   for sigma in sigmas:
     for m in ("gaussian", "consistency"):
-      acc, at = baseline_at(driver.finetune_dir(root, m, sigma), driver.init_key(sigma), once)
-      lines.append(f"- {m}, σ = {sigma}: {cell(acc)} (after {tflop(at)} TFLOP)")
+      if os.path.isdir(driver.finetune_dir(root, m, sigma)):
+        acc, at = baseline_at(driver.finetune_dir(root, m, sigma), driver.init_key(sigma), once)
+        lines.append(f"- {m}, σ = {sigma}: {cell(acc)} (after {tflop(at)} TFLOP)")
   return lines + [""]
 
 
