@@ -5,9 +5,11 @@ XLA_FLAGS must be set before JAX initializes its backend, hence at import.
 No persistent compilation cache: with jaxlib 0.10.2 on CPU, executables with
 collectives loaded from it deadlock in the all-gather rendezvous or abort
 (seen with the FSDP step on 8 simulated devices, and with gloo across two
-processes). The suite fits CI's budget without it; compiled programs are
-shared within a test process through session-scoped fixtures instead.
+processes). Compiled programs are shared within a test process instead:
+through module-scoped fixtures, and through an in-memory memo of executables
+(`_memoize_compilation` below).
 """
+import collections
 import importlib.util
 import os
 import pathlib
@@ -27,6 +29,47 @@ if importlib.util.find_spec("triton") is not None:
   import triton  # pylint: disable=g-import-not-at-top,unused-import
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
+from jax._src import cache_key as _cache_key  # pylint: disable=g-import-not-at-top
+from jax._src import compiler as _compiler  # pylint: disable=g-import-not-at-top
+
+
+def _memoize_compilation():
+  """Reuses an executable this process already compiled for the same program.
+
+  Many tests build the same tiny models through the package's own entry points (each
+  `pretrain.train` call jits a fresh step), so one worker compiles identical programs
+  over and over: most of the suite's time on a 2-core CPU. The key is the one JAX's
+  persistent cache uses (the program without debug info, compile options including the
+  device assignment, XLA flags, jaxlib and platform) plus the devices; the executable
+  stays in memory (no serialization, so not the persistent cache's collective deadlock
+  described above). Programs with host callbacks are compiled every time; the 256 most
+  recently used executables are kept.
+  RRCM_TEST_COMPILE_MEMO=0 turns this off.
+  """
+  original = _compiler.compile_or_get_cached
+  executables = collections.OrderedDict()   # the most recently used last
+
+  def compile_or_reuse(backend, computation, devices, compile_options, host_callbacks,
+                       executable_devices, pgle_profiler=None):
+    if host_callbacks or pgle_profiler is not None:
+      return original(backend, computation, devices, compile_options, host_callbacks,
+                      executable_devices, pgle_profiler)
+    key = (_cache_key.get(computation, devices, compile_options, backend),
+           tuple(d.id for d in devices.flat), id(backend))
+    if key in executables:
+      executables.move_to_end(key)
+    else:
+      executables[key] = original(backend, computation, devices, compile_options,
+                                  host_callbacks, executable_devices, pgle_profiler)
+      if len(executables) > 256:   # bounds the worker's memory
+        executables.popitem(last=False)
+    return executables[key]
+
+  _compiler.compile_or_get_cached = compile_or_reuse
+
+
+if os.environ.get("RRCM_TEST_COMPILE_MEMO", "1") != "0":
+  _memoize_compilation()
 
 # Recorded reference data (tests/testdata/README.md says what each file holds);
 # RRCM_REFERENCE_DIR points the tests at another recording with the same layout.
@@ -40,3 +83,15 @@ def reference_file(name):
 
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: end-to-end tests that start subprocesses")
+
+
+def pytest_collection_modifyitems(config, items):
+  """Files with end-to-end (`slow`) tests run first, each file's tests in their order.
+
+  With `pytest -n 2 --dist loadfile` (./run.sh test) a worker takes a whole file at a
+  time, so its module fixtures and compiled programs serve all its tests; the long files
+  starting first leave the short ones to even out the two workers at the end.
+  """
+  del config
+  heavy = {item.path for item in items if item.get_closest_marker("slow")}
+  items.sort(key=lambda item: item.path not in heavy)   # stable: the order within a file stays
