@@ -22,7 +22,8 @@ nominal sigma either way (conservative when the classifier adds more).
 
 Noise of sample j of image i in stream s:
 `normal(fold_in(fold_in(fold_in(key, i), s), j))`, one key per sample, so the
-counts depend neither on the chunk size nor on the number of devices. The n0
+counts depend neither on the chunk size nor on the number of devices
+(`rrcm_jax.noise.normal` draws a chunk's normals, bit for bit `jax.random.normal`). The n0
 selection samples, the n estimation samples and PREDICT's samples are separate
 streams.
 """

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from benchmarks import matmul, memory, sampler, scaling, train_step
+from benchmarks import matmul, memory, sampler, sampler_ratio, scaling, train_step
 from rrcm_jax import flops
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -61,6 +61,18 @@ def test_sampler_quick_with_profile(tmp_path):
   assert abs(sum(profile["shares"].values()) - 1.0) < 1e-3
   assert "matmul (+fused LN, bias, softmax)" in profile["shares"]
   assert profile["xla_flops_per_call"] > 0.5 * profile["analytic_flops_per_call"]
+
+
+def test_sampler_ratio_quick_with_ablation(tmp_path):
+  rows = sampler_ratio.main(["--quick", "--ablate", "--profile", "--out", str(tmp_path / "r.json")])
+  data = read(tmp_path / "r.json")
+  assert len(rows) == 1 and data["rows"][0]["model"] == "tiny" and data["rows"][0]["rounds"] == 3
+  for key in ("sampler", "forward", "no_count", "zero_noise", "noise"):
+    assert rows[0][f"{key}_ratio"] > 0 and rows[0][f"{key}_ratio_cpu"] > 0
+  assert 0 < rows[0]["noise_share"] < 1   # the noise alone is faster than noise + classifier
+  assert "noise (threefry, erf-inv)" in data["profiles"][0]["shares"]
+  with pytest.raises(ValueError, match="model:chunk"):
+    sampler_ratio.main(["--cases", "cifar"])
 
 
 def test_agreement_of_a_classifier_with_itself_is_exact(monkeypatch):
