@@ -100,7 +100,7 @@ tests() {
   setup
   local py="$VENV/bin/python"
   stamp "running the test suite"
-  "$py" -m pytest -n 2 -q --durations=15 tests/
+  "$py" -m pytest -n 2 --dist loadfile --no-loadscope-reorder -q --durations=15 tests/
 }
 
 case "${1:-demo}" in
