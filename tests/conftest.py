@@ -10,6 +10,7 @@ through module-scoped fixtures, and through an in-memory memo of executables
 (`_memoize_compilation` below).
 """
 import collections
+import hashlib
 import importlib.util
 import os
 import pathlib
@@ -38,30 +39,40 @@ def _memoize_compilation():
 
   Many tests build the same tiny models through the package's own entry points (each
   `pretrain.train` call jits a fresh step), so one worker compiles identical programs
-  over and over: most of the suite's time on a 2-core CPU. The key is the one JAX's
-  persistent cache uses (the program without debug info, compile options including the
-  device assignment, XLA flags, jaxlib and platform) plus the devices; the executable
-  stays in memory (no serialization, so not the persistent cache's collective deadlock
-  described above). Programs with host callbacks are compiled every time; the 256 most
-  recently used executables are kept.
-  RRCM_TEST_COMPILE_MEMO=0 turns this off.
+  over and over: most of the suite's time on a 2-core CPU. The key is the program as
+  JAX's persistent cache sees it (without debug info), the compile options (device
+  assignment included), the devices and the backend; the executable stays in memory (no
+  serialization, so not the persistent cache's collective deadlock described above).
+  Programs with host callbacks or large embedded constants are compiled every time; the
+  128 most recently used executables are kept. RRCM_TEST_COMPILE_MEMO=0 turns this off.
   """
   original = _compiler.compile_or_get_cached
   executables = collections.OrderedDict()   # the most recently used last
 
+  def key_of(computation, devices, compile_options, backend):
+    program = _cache_key._canonicalize_ir(computation, _cache_key.IgnoreCallbacks.NO)  # pylint: disable=protected-access
+    if len(program) > (8 << 20):   # constants baked in: keeping it would hold their memory
+      return None
+    digest = hashlib.sha256(program + compile_options.SerializeAsString()).hexdigest()
+    return digest, tuple(d.id for d in devices.flat), id(backend)
+
   def compile_or_reuse(backend, computation, devices, compile_options, host_callbacks,
                        executable_devices, pgle_profiler=None):
+    args = (backend, computation, devices, compile_options, host_callbacks,
+            executable_devices, pgle_profiler)
     if host_callbacks or pgle_profiler is not None:
-      return original(backend, computation, devices, compile_options, host_callbacks,
-                      executable_devices, pgle_profiler)
-    key = (_cache_key.get(computation, devices, compile_options, backend),
-           tuple(d.id for d in devices.flat), id(backend))
+      return original(*args)
+    try:
+      key = key_of(computation, devices, compile_options, backend)
+    except Exception:  # pylint: disable=broad-except  (another jaxlib: compile as usual)
+      key = None
+    if key is None:
+      return original(*args)
     if key in executables:
       executables.move_to_end(key)
     else:
-      executables[key] = original(backend, computation, devices, compile_options,
-                                  host_callbacks, executable_devices, pgle_profiler)
-      if len(executables) > 256:   # bounds the worker's memory
+      executables[key] = original(*args)
+      if len(executables) > 128:   # bounds the worker's memory
         executables.popitem(last=False)
     return executables[key]
 
