@@ -7,8 +7,8 @@ sampler's per-sample keys), only computed faster on a CPU.
 
 Why: XLA:CPU lowers JAX's Threefry-2x32 hash as a rolled loop of five
 iterations over the whole output array, and the Gaussian draws of one chunk
-of noisy samples then cost as much as a sixth of the Fashion-MNIST
-classifier's forward. Here the 20 rounds are written out (the same
+of noisy samples then cost up to a tenth of the Fashion-MNIST classifier's
+forward. Here the 20 rounds are written out (the same
 arithmetic as JAX's unrolled lowering, which other backends use), in a scan
 over the leading axis of `keys` so that XLA:CPU keeps the integer hash and
 the inverse error function in separate loops (fused into one loop, neither
@@ -63,7 +63,7 @@ def _scanned_uniform(key_data, shape):
 
 def _supported(keys):
   return (jax.config.jax_threefry_partitionable
-          and str(jax.random.key_impl(keys)) in ("threefry2x32", "PRNGImpl(threefry2x32)"))
+          and str(jax.random.key_impl(keys)) == "threefry2x32")
 
 
 def normal(keys, shape):

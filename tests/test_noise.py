@@ -18,6 +18,7 @@ def reference(keys, shape):
 def test_normal_is_jax_random_normal_bit_for_bit(shape):
   base = jax.random.key(11)
   keys = jax.vmap(lambda j: jax.random.fold_in(base, j))(jnp.arange(6)).reshape(3, 2)
+  assert noise._supported(keys)   # pylint: disable=protected-access  (the unrolled path, not the fallback)
   draws = np.asarray(jax.jit(lambda k: noise.normal(k, shape))(keys))
   assert draws.shape == (3, 2) + shape
   np.testing.assert_array_equal(draws.view(np.uint32), reference(keys, shape).view(np.uint32))
@@ -36,5 +37,6 @@ def test_both_lowerings_agree():
 
 def test_other_prng_implementations_fall_back():
   keys = jax.random.split(jax.random.key(2, impl="rbg"), 3)
+  assert not noise._supported(keys)   # pylint: disable=protected-access
   draws = noise.normal(keys, (4, 4))
   np.testing.assert_array_equal(np.asarray(draws), reference(keys, (4, 4)))
