@@ -45,15 +45,11 @@ def _blocking(fn, *args):
 
 def _ablated_sampler(logits_fn, num_classes, chunk, part):
   """A Sampler without one of its parts: "zero_noise" or "no_count"."""
+  s = smoothing.Sampler(logits_fn, num_classes, sampler.SIGMA, chunk_size=chunk)
   if part == "no_count":
-    # Sum of logits stands in for argmax + counts (keeps the classifier live).
-    def logits_sum(params, x):
-      logits = logits_fn(params, x)
-      return jnp.zeros_like(logits).at[:, 0].set(jnp.sum(logits, -1))
-    s = smoothing.Sampler(logits_sum, num_classes, sampler.SIGMA, chunk_size=chunk)
+    # The logits' sum stands in for argmax + counts (keeps the classifier live).
     s._chunk_counts = functools.partial(_sum_counts, s)   # pylint: disable=protected-access
     return s
-  s = smoothing.Sampler(logits_fn, num_classes, sampler.SIGMA, chunk_size=chunk)
   s._unit_noise = lambda images, indices, key, stream, start, chunk_size: jnp.zeros(   # pylint: disable=protected-access
       (chunk_size,) + images.shape, jnp.float32)
   return s
