@@ -142,6 +142,23 @@ def method_of(label):
   return re.sub(r"[\s,;(]*(σ|sigma)\s*=?\s*[\d.]+\)?", "", label).strip() or label
 
 
+def _label_heights(xs, ys, width=0.3, height=0.045):
+  """Heights of labels right of points at (xs, axes fraction; ys): from the top down, a
+  label that would overlap one already placed moves below it."""
+  placed, heights = [], [0.0] * len(ys)
+  for i in sorted(range(len(ys)), key=lambda i: -ys[i]):
+    y = ys[i]
+    while True:
+      close = [py for px, py in placed   # 0.999: a label moved just below another clears it
+               if abs(xs[i] - px) < width and abs(y - py) < 0.999 * height]
+      if not close:
+        break
+      y = min(close) - height
+    placed.append((xs[i], y))
+    heights[i] = y
+  return heights
+
+
 def draw(points, path, radii=RADII, n=N_PAPER, n0=N0_PAPER):
   """Figure 1: one panel per radius, certified accuracy against seconds per certified image
   (log axis); color = method, marker = σ, each point labelled. Writes `path` (.png) and the
@@ -161,16 +178,21 @@ def draw(points, path, radii=RADII, n=N_PAPER, n0=N0_PAPER):
   seconds = [seconds_per_image(p, n, n0) for p in points]
   for k, r in enumerate(radii):
     axes = figure.add_subplot(1, len(radii), k + 1)
-    for p, x in zip(points, seconds):
-      y = certified_at(p, r)
+    low, high = min(seconds), max(seconds)
+    ys = [certified_at(p, r) for p in points]
+    for p, x, y in zip(points, seconds, ys):
       axes.scatter([x], [y], s=60, color=colors[method_of(p.label)], marker=markers[p.sigma],
                    edgecolors="black", linewidths=0.5, zorder=3)
-      axes.annotate(p.label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7)
+    span = np.log(high * 3) - np.log(low / 3)   # the x-axis, in log units
+    heights = _label_heights([(np.log(x) - np.log(low / 3)) / span for x in seconds], ys)
+    for p, x, y, label_y in zip(points, seconds, ys, heights):
+      axes.annotate(p.label, (x, y), xytext=(x * np.exp(0.07 * span), label_y + 0.012),
+                    fontsize=7, arrowprops=None if label_y == y else dict(
+                        arrowstyle="-", color="gray", linewidth=0.5, shrinkA=0, shrinkB=3))
     axes.set_xscale("log")
     axes.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
     axes.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     axes.xaxis.set_minor_formatter(ticker.NullFormatter())
-    low, high = min(seconds), max(seconds)
     axes.set_xlim(low / 3, high * 3)
     axes.set(xlabel=f"seconds per certified image (n = {n:,}, measured rate)",
              ylabel="certified accuracy", title=f"r = {r:g} (L2, pixel space)", ylim=(0, 1))

@@ -81,6 +81,14 @@ def test_table_and_figure(tmp_path):
   assert os.path.getsize(written[1]) > 0
 
 
+def test_labels_of_nearby_points_do_not_overlap():
+  xs, ys = [0.1, 0.1, 0.12, 0.9], [0.8, 0.8, 0.79, 0.8]
+  heights = figure1._label_heights(xs, ys)
+  assert heights[3] == 0.8   # far to the right: stays
+  near = sorted(heights[:3])
+  assert min(np.diff(near)) >= 0.044 and max(near) == 0.8
+
+
 @pytest.mark.parametrize("text, expected", [
     ("rRCM σ=0.25=a/b.tsv@0.0088", ("rRCM σ=0.25", "a/b.tsv", 0.0088e9)),
     ("a/b.tsv", (None, "a/b.tsv", None)),
