@@ -69,10 +69,10 @@ def rows(path):
 
 
 def shared_finetune_workdir(tmp_path_factory):
-  """The tiny classifier, written once per test session, even across pytest-xdist workers."""
+  """The tiny classifier, written once per pytest run, even across pytest-xdist workers."""
   root = tmp_path_factory.getbasetemp()
   if os.environ.get("PYTEST_XDIST_WORKER"):
-    root = root.parent          # the session's directory, shared by its workers
+    root = root.parent          # the run's base directory, shared by its workers
   workdir = root / "tiny_classifier"
   with open(root / "tiny_classifier.lock", "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
