@@ -318,7 +318,11 @@ def test_denoiser_cli_survives_sigterm_and_resumes(tmp_path):
   flags = {**TINY_DATA, **TINY_UNET, "batch_size": 8, "optim.warmup_steps": 0, "log_every": 1}
   args = [sys.executable, "-m", "rrcm_jax.diffusion", "--config=configs/fashion_mnist_diffusion.py",
           f"--workdir={workdir}", *[f"--config.{k}={v}" for k, v in flags.items()]]
-  env = dict(os.environ, XLA_FLAGS="", PYTHONUNBUFFERED="1")
+  # One device (no collectives), so a persistent compilation cache is safe here: the
+  # resumed run loads the step the first one compiled (the constant learning rate leaves
+  # total_steps out of the program) instead of compiling the U-Net again.
+  env = dict(os.environ, XLA_FLAGS="", PYTHONUNBUFFERED="1",
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))
   proc = subprocess.Popen(args + ["--config.total_steps=100000"], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   lines = []
