@@ -428,7 +428,7 @@ def diffusion_config(data, unet, schedule, *, total_steps, batch_size, lr, warmu
       noise_schedule=schedule["noise_schedule"], num_steps=schedule["num_steps"],
       rescale_timesteps=schedule["rescale_timesteps"]))
   config.unet = ml_collections.ConfigDict(dict(unet, dtype="float32"))
-  config.data = data.copy_and_resolve_references()
+  config.data = copy_data(data)   # data.arrays / pipeline stay overridable
   # data.pipeline None: "device" for the in-memory datasets (Fashion-MNIST, MNIST, CIFAR), else
   # "tfdata" (rrcm_jax.diffusion.__main__); set it to force one
   config.mesh = ml_collections.ConfigDict(dict(fsdp=False))
