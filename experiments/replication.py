@@ -9,8 +9,11 @@ Runs every stage of configs/fashion_mnist_replication.py as its own CLI call
 (`python -m rrcm_jax.pretrain / finetune / diffusion / certify
 --config=configs/fashion_mnist_replication.py:stage=...`), in this order:
 
-  1. the offline Fashion-MNIST preparation and the one rRCM pre-training (shared by every σ);
-  2. rRCM's fine-tuning at the first σ from each start (`init=` ema, online, ema_debiased);
+  1. the one rRCM pre-training (shared by every σ), after the offline TFDS preparation of
+     Fashion-MNIST only where TFDS reads it (`replication_data`: without IDX files; with
+     them every stage reads them on the device pipeline and none needs TensorFlow);
+  2. rRCM's fine-tuning at the first σ from each start (`init=` ema, online, ema_debiased;
+     --inits names fewer);
      the start with the best validation accuracy at model-space noise s = 2σ is the one
      used from then on (`choose_init`);
   3. per σ: the chosen rRCM fine-tuning (beyond the first σ), the two baselines, and the
@@ -30,9 +33,12 @@ interrupted one resumes from its own checkpoint or log. Every start, end and ski
 <root>/summary.md is rewritten (`experiments.replication_summary`).
 
 Options: --sigmas 0.25,0.5  --methods rrcm,gaussian,consistency,dds  --budget-scales 4
-(comma-separated; 4,16 adds the 16× point; "none" for none)  --quick (every stage for a
-few steps, images and samples: the smoke test)  --data synthetic (generated images
-instead of Fashion-MNIST, for machines without it).
+(comma-separated; 4,16 adds the 16× point; "none" for none)  --inits ema,online,ema_debiased
+(rRCM's starts tried at the first σ; one start is no choice)  --arrays DIR (a folder of the
+Fashion-MNIST IDX files, train-*-ubyte[.gz] and t10k-*-ubyte[.gz], for every stage:
+config data.arrays; default Debian's /usr/share/datasets/fashion-mnist, else TFDS)
+--quick (every stage for a few steps, images and samples: the smoke test)  --data synthetic
+(generated images instead of Fashion-MNIST, on the tf.data pipeline: needs TensorFlow).
 """
 import argparse
 import dataclasses
@@ -46,6 +52,7 @@ import time
 
 from configs import common
 from configs import fashion_mnist_replication as rep
+from experiments import replication_data as data_lib
 from rrcm_jax import workdir as workdir_lib
 
 CONFIG = "configs/fashion_mnist_replication.py"
@@ -140,16 +147,22 @@ def init_key(sigma):
   return f"val/noisy_{2 * float(sigma)}"
 
 
-def choose_init(root, sigma):
+def starts(args):
+  """rRCM's starts tried at the first σ (--inits, in rep.INITS order; all of them by default)."""
+  return tuple(getattr(args, "inits", None) or rep.INITS)
+
+
+def choose_init(root, sigma, inits=rep.INITS):
   """(the start of rRCM with the best validation accuracy at s = 2σ, {init: that accuracy})
-  over the fine-tunings `rrcm_<init>_sigma<σ>` of rep.INITS; the choice is None until
-  all of them are complete (ties: the first of rep.INITS)."""
-  done = {i: finished(finetune_dir(root, rrcm_name(i), sigma)) for i in rep.INITS}
+  over the fine-tunings `rrcm_<init>_sigma<σ>` of `inits`; the choice is None until
+  all of them are complete (ties: the first of `inits`)."""
+  inits = tuple(inits)
+  done = {i: finished(finetune_dir(root, rrcm_name(i), sigma)) for i in inits}
   values = {i: last_validation(finetune_dir(root, rrcm_name(i), sigma), init_key(sigma))
-            for i in rep.INITS if done[i]}
-  if len(values) < len(rep.INITS):
+            for i in inits if done[i]}
+  if len(values) < len(inits):
     return None, values
-  return max(rep.INITS, key=lambda i: (values[i], -rep.INITS.index(i))), values
+  return max(inits, key=lambda i: (values[i], -inits.index(i))), values
 
 
 def choose_share(root):
@@ -197,15 +210,19 @@ def dds_stages(root, sigmas, quick, share):
   return stages
 
 
-def plan(root, sigmas, methods, quick, data, scales=(), init=None, share=None):
+def plan(root, sigmas, methods, quick, data, scales=(), init=None, share=None,
+         inits=rep.INITS, prepare=False):
   """The stages, in order (module docstring). `init` / `share`: the choices of rRCM's start
-  and DDS's classifier share; None leaves out the stages that need them."""
-  stages = [] if data != "fashion_mnist" else [Stage("prepare", "rrcm_jax.data.prepare")]
+  and DDS's classifier share; None leaves out the stages that need them. `inits`: the
+  starts tried; `prepare`: whether the TFDS preparation of Fashion-MNIST comes first
+  (`replication_data.reads_tfds`)."""
+  tfds = prepare and data == "fashion_mnist"
+  stages = [Stage("prepare", "rrcm_jax.data.prepare")] if tfds else []
   rrcm = "rrcm" in methods
   if rrcm:
     stages.append(Stage("pretrain", "rrcm_jax.pretrain", rep.config_arg("pretrain", quick=quick),
                         pretrain_dir(root)))
-    stages += [finetune_stage(root, "rrcm", sigmas[0], quick, i) for i in rep.INITS]
+    stages += [finetune_stage(root, "rrcm", sigmas[0], quick, i) for i in inits]
   for sigma in sigmas:
     trained = [m for m in methods if m in rep.METHODS and (m != "rrcm" or init)]
     stages += [finetune_stage(root, m, sigma, quick, init) for m in trained
@@ -229,10 +246,10 @@ def plan(root, sigmas, methods, quick, data, scales=(), init=None, share=None):
 
 def current_plan(root, args):
   """`plan` with the choices the complete runs in `root` make so far."""
-  init = choose_init(root, args.sigmas[0])[0] if "rrcm" in args.methods else None
+  init = choose_init(root, args.sigmas[0], starts(args))[0] if "rrcm" in args.methods else None
   share = choose_share(root)[0] if "dds" in args.methods else None
   return plan(root, args.sigmas, args.methods, args.quick, args.data, args.budget_scales,
-              init, share)
+              init, share, starts(args), data_lib.reads_tfds(args))
 
 
 def is_complete(stage, records):
@@ -379,6 +396,13 @@ def parse_args(argv):
   parser.add_argument("--budget-scales", "--budget-scale", dest="budget_scales", default="4",
                       help="budget multiples run at the last σ after everything at 1× "
                            f"(comma-separated, of {rep.SCALES[1:]}; 'none': none)")
+  parser.add_argument("--inits", default=",".join(rep.INITS),
+                      help="rRCM's starts tried at the first σ (comma-separated, of "
+                           f"{rep.INITS}); the best on validation is kept")
+  parser.add_argument("--arrays", default=None,
+                      help="a folder of the Fashion-MNIST IDX files for every stage (config "
+                           "data.arrays; default Debian's /usr/share/datasets/fashion-mnist, "
+                           "else TFDS)")
   parser.add_argument("--quick", action="store_true", help="smoke-test sizes")
   parser.add_argument("--data", default="fashion_mnist", choices=("fashion_mnist", "synthetic"))
   args = parser.parse_args(argv)
@@ -391,6 +415,14 @@ def parse_args(argv):
   if not args.methods or set(args.methods) - set(ARMS):
     parser.error(f"--methods must be a comma-separated list of {ARMS}, got "
                  f"{','.join(args.methods)!r}.")
+  given = args.inits.split(",")
+  if set(given) - set(rep.INITS):
+    parser.error(f"--inits must be a comma-separated list of {rep.INITS}, got {args.inits!r}.")
+  args.inits = [i for i in rep.INITS if i in given]
+  if args.arrays is not None:
+    if args.data != "fashion_mnist":
+      parser.error(f"--arrays is for --data fashion_mnist, got --data {args.data}.")
+    args.arrays = os.path.abspath(args.arrays)   # the stages run in the repository root
   text = args.budget_scales
   try:
     args.budget_scales = [] if text == "none" else [int(x) for x in text.split(",")]
@@ -400,6 +432,17 @@ def parse_args(argv):
     parser.error(f"--budget-scales must be 'none' or a comma-separated list of "
                  f"{rep.SCALES[1:]}, got {text!r}.")
   return args
+
+
+def record_data(root, args):
+  """Prints and records (stages.jsonl, as a skipped "prepare") where Fashion-MNIST comes from
+  when no TFDS preparation is needed."""
+  if args.data != "fashion_mnist" or data_lib.reads_tfds(args):
+    return
+  _, kind, path = data_lib.data_source(args)
+  reason = f"{kind} files in {path} on the device pipeline: no TFDS preparation"
+  print(f"=== data: Fashion-MNIST from the {reason}", flush=True)
+  append_record(root, stage="prepare", status="skipped", workdir=None, reason=reason)
 
 
 def next_stage(root, args, checked):
@@ -420,11 +463,13 @@ def main(argv=None):
   args = parse_args(argv)
   root = os.path.abspath(args.root)
   try:
+    data_lib.check_data(args)
     check_root(root, args.quick, args.data)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  overrides = [] if args.data == "fashion_mnist" else [f"--config.data.name={args.data}"]
+  overrides = data_lib.data_overrides(args)
+  record_data(root, args)
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

@@ -119,16 +119,16 @@ def classifier_section(root, sigma, init, scales, val_split):
 # ----------------------------------------------------------------------------
 # The choices.
 # ----------------------------------------------------------------------------
-def init_section(root, sigma):
-  init, values = driver.choose_init(root, sigma)
+def init_section(root, sigma, inits=rep.INITS):
+  init, values = driver.choose_init(root, sigma, inits)
   key = driver.init_key(sigma)
   lines = [f"## rRCM's start (chosen at σ = {sigma} on validation accuracy at s = {2 * sigma})",
            "", f"Fine-tuned from the pre-training in `pretrain/` (`init=`, config.init_weights) "
            f"with everything else equal; the start with the best {key} (last checkpoint) is "
            "used at every other σ and in every certification. Only the chosen run's "
-           "FLOPs count toward rRCM's budget; the other two are the selection's cost.", "",
+           "FLOPs count toward rRCM's budget; the others are the selection's cost.", "",
            f"| start | val clean | {key} | test at s = {2 * sigma} |", "|---|---|---|---|"]
-  for i in rep.INITS:
+  for i in inits:
     wd = driver.finetune_dir(root, driver.rrcm_name(i), sigma)
     test = test_last(wd).get(f"noisy_{2 * float(sigma)}")
     mark = " (chosen)" if i == init else ""
@@ -370,7 +370,7 @@ def write_summary(root, args):
       (f" (the earlier one: {earlier / 60:.1f} min)." if earlier else "."), ""]
   init = share = None
   if "rrcm" in args.methods:
-    part, init = init_section(root, args.sigmas[0])
+    part, init = init_section(root, args.sigmas[0], driver.starts(args))
     lines += part
   if "dds" in args.methods:
     part, share = share_section(root, quick)

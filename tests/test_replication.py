@@ -1,11 +1,15 @@
 """The replication experiment: its configs, its equal FLOP budgets, the ViT's size, the
-stage plan, and a --quick run end to end (with a resuming re-run), then the controlled
-runs (experiments.controls) on top of it."""
+stage plan, where its data comes from, and --quick runs end to end (with a resuming re-run,
+then the controlled runs, experiments.controls, on top of it; and one from IDX files with
+TensorFlow unimportable, as on the GPU host)."""
+import gzip
 import json
 import os
 import pathlib
 import subprocess
 import sys
+
+import numpy as np
 
 import pytest
 
@@ -14,6 +18,8 @@ from configs import fashion_mnist_replication as rep
 from experiments import budgets
 from experiments import controls
 from experiments import replication
+from experiments import replication_data
+from rrcm_jax.data import arrays as arrays_lib
 from rrcm_jax.flops import forward_flops, training_flops
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -124,11 +130,13 @@ def fake_finetune(workdir, val, flops_per_epoch=None):
 
 def test_plan_order_workdirs_and_choices():
   stages = replication.plan("/r", [0.25, 0.5], list(replication.ARMS), quick=False,
-                            data="fashion_mnist", scales=[4], init="online", share=0.25)
+                            data="fashion_mnist", scales=[4], init="online", share=0.25,
+                            prepare=True)
   names = [s.name for s in stages]
   by = {s.name: s for s in stages}
   inits = [f"rrcm_{i}_sigma0.25" for i in rep.INITS]
   assert names[:5] == ["prepare", "pretrain"] + inits and names.count("pretrain") == 1
+  assert by["prepare"].argv()[1:] == ["-m", "rrcm_jax.data.prepare", "fashion_mnist"]
   for i in rep.INITS:   # every start fine-tuned from the one pre-training
     assert by[f"rrcm_{i}_sigma0.25"].init_from == "/r/pretrain"
     assert f"--config=configs/fashion_mnist_replication.py:stage=rrcm,sigma=0.25,init={i}" in (
@@ -169,8 +177,13 @@ def test_plan_order_workdirs_and_choices():
   assert not any(n.startswith(("certify_rrcm", "rrcm_online_sigma0.5", "rrcm_online_x"))
                  or "denoiser" in n or "certify_dds" in n for n in pending)
   assert pending[-2:] == ["consistency_x16_sigma0.5", "certify_consistency_x16_sigma0.5"]
-  only = [s.name for s in replication.plan("/r", [0.5], ["gaussian"], quick=True, data="synthetic")]
+  only = [s.name for s in replication.plan("/r", [0.5], ["gaussian"], quick=True, data="synthetic",
+                                          prepare=True)]
   assert only == ["gaussian_sigma0.5", "certify_gaussian_sigma0.5"]
+  # one start tried: no other start's fine-tuning, and no preparation unless asked for
+  one = [s.name for s in replication.plan("/r", [0.25], ["rrcm"], False, "fashion_mnist",
+                                         inits=("ema",))]
+  assert one == ["pretrain", "rrcm_ema_sigma0.25"]
 
 
 def test_init_choice_is_the_best_validation_at_2_sigma(tmp_path):
@@ -186,6 +199,67 @@ def test_init_choice_is_the_best_validation_at_2_sigma(tmp_path):
   args = replication.parse_args(["--root", str(tmp_path), "--methods", "rrcm"])
   names = [s.name for s in replication.current_plan(str(tmp_path), args)]
   assert "rrcm_online_sigma0.5" in names and "certify_rrcm_online_x4_sigma0.5" in names
+
+
+def test_one_start_is_chosen_once_its_fine_tuning_is_complete(tmp_path):
+  fake_finetune(tmp_path / "rrcm_online_sigma0.5", [{"noisy_1.0": 0.6}])
+  assert replication.choose_init(str(tmp_path), 0.5, ("online",)) == ("online", {"online": 0.6})
+  assert replication.choose_init(str(tmp_path), 0.5) == (None, {"online": 0.6})   # all three
+  args = replication.parse_args(["--root", str(tmp_path), "--sigmas", "0.5", "--inits", "online",
+                                 "--methods", "rrcm", "--budget-scales", "none"])
+  assert args.inits == ["online"] and replication.starts(args) == ("online",)
+  names = [s.name for s in replication.current_plan(str(tmp_path), args)]
+  assert "certify_rrcm_online_sigma0.5" in names and "rrcm_ema_sigma0.5" not in names
+  assert replication.parse_args(["--root", "x", "--inits", "online,ema"]).inits == ["ema", "online"]
+
+
+def write_idx_folder(folder, sizes=(("train", 700), ("t10k", 300))):
+  """Fashion-MNIST-shaped IDX files (gzip) of random pixels and labels: enough for the quick
+  splits (train[:512], train[512:640], test[:256])."""
+  folder.mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  for prefix, n in sizes:
+    for kind, array in (("images-idx3", rng.integers(0, 256, (n, 28, 28))),
+                        ("labels-idx1", rng.integers(0, 10, n))):
+      header = bytes([0, 0, 8, array.ndim]) + np.array(array.shape, ">i4").tobytes()
+      with gzip.open(folder / f"{prefix}-{kind}-ubyte.gz", "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+  return folder
+
+
+def test_idx_files_make_the_tfds_preparation_unneeded(tmp_path, monkeypatch):
+  idx = write_idx_folder(tmp_path / "idx", sizes=(("train", 2), ("t10k", 2)))
+  args = replication.parse_args(["--root", "r", "--arrays", str(idx), "--quick"])
+  assert replication_data.data_source(args) == ("device", "idx", str(idx))
+  assert replication_data.data_overrides(args) == [f"--config.data.arrays={idx}"]
+  assert "prepare" not in [s.name for s in replication.current_plan(str(tmp_path / "r"), args)]
+  # neither --arrays nor Debian's folder: TFDS reads Fashion-MNIST, prepared first
+  monkeypatch.setitem(arrays_lib.DEBIAN_FOLDERS, "fashion_mnist", str(tmp_path / "absent"))
+  args = replication.parse_args(["--root", "r", "--quick"])
+  assert replication_data.reads_tfds(args) and replication_data.data_overrides(args) == []
+  assert replication.current_plan(str(tmp_path / "r"), args)[0].name == "prepare"
+  args = replication.parse_args(["--root", "r", "--data", "synthetic"])
+  assert not replication_data.reads_tfds(args)
+  assert replication_data.data_overrides(args) == ["--config.data.name=synthetic"]
+
+
+def test_missing_data_is_one_sentence_before_writing(tmp_path, monkeypatch, capsys):
+  monkeypatch.setitem(arrays_lib.DEBIAN_FOLDERS, "fashion_mnist", str(tmp_path / "absent"))
+  monkeypatch.setattr(replication_data, "tfds_importable", lambda: False)
+  root = tmp_path / "root"
+  assert replication.main(["--root", str(root), "--quick"]) == 2
+  err = capsys.readouterr().err
+  assert "--arrays DIR" in err and "TensorFlow Datasets" in err and "t10k-labels" in err
+  (tmp_path / "empty").mkdir()
+  assert replication.main(["--root", str(root), "--arrays", str(tmp_path / "empty")]) == 2
+  assert "is neither an .npz file, a folder of MNIST-style IDX files" in capsys.readouterr().err
+  assert not root.exists()
+  with pytest.raises(SystemExit):
+    replication.parse_args(["--root", "x", "--data", "synthetic", "--arrays", str(tmp_path)])
+  with pytest.raises(SystemExit):
+    replication.parse_args(["--root", "x", "--inits", "ema,target"])
+  err = capsys.readouterr().err
+  assert "--arrays is for --data fashion_mnist" in err and "--inits must be" in err
 
 
 def test_share_choice_is_where_clean_accuracy_saturates(tmp_path):
@@ -339,6 +413,46 @@ def test_quick_run_end_to_end_then_resumes(tmp_path):
   rows = [line for line in summary.splitlines() if line.startswith("| weak_crops |")
           or line.startswith("| finetune_10ep |")]
   assert len(rows) == 2 and all("–" not in row for row in rows), rows
+
+
+def blocked_packages(folder, marker):
+  """Packages tensorflow, tensorflow_datasets and clu whose import fails (and is noted in
+  `marker`): on PYTHONPATH they stand for a machine without them, like the GPU host."""
+  for name in ("tensorflow", "tensorflow_datasets", "clu"):
+    (folder / name).mkdir(parents=True)
+    (folder / name / "__init__.py").write_text(
+        f"open({str(marker)!r}, 'a').write('{name}\\n')\nraise ImportError('{name} is blocked')\n")
+  return folder
+
+
+@pytest.mark.slow
+def test_quick_run_from_idx_files_without_tensorflow(tmp_path):
+  """Pre-training, rRCM from one start, consistency regularization, both certified, the
+  summary and its figures: no stage imports TensorFlow, TFDS or CLU, no TFDS preparation."""
+  idx, marker, root = write_idx_folder(tmp_path / "idx"), tmp_path / "imported", tmp_path / "r"
+  blocked = blocked_packages(tmp_path / "blocked", marker)
+  env = dict(os.environ, XLA_FLAGS="", PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu",
+             JAX_COMPILATION_CACHE_DIR=str(REPO / ".jax_cache"),
+             PYTHONPATH=os.pathsep.join(filter(None, [str(blocked), os.environ.get("PYTHONPATH")])))
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.replication", f"--root={root}", "--quick",
+       "--data=fashion_mnist", f"--arrays={idx}", "--methods=rrcm,consistency", "--inits=ema",
+       "--sigmas=0.25", "--budget-scales=none"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert not marker.exists(), marker.read_text()
+  records = [json.loads(line) for line in (root / "stages.jsonl").read_text().splitlines()]
+  assert records[0]["stage"] == "prepare" and records[0]["status"] == "skipped"
+  assert f"idx files in {idx}" in records[0]["reason"]
+  done = {r["stage"]: r for r in records if r["status"] == "done"}
+  assert set(done) == {"pretrain", "rrcm_ema_sigma0.25", "consistency_sigma0.25",
+                       "certify_rrcm_ema_sigma0.25", "certify_consistency_sigma0.25"}
+  assert all(r["command"].endswith(f"--config.data.arrays={idx}") for r in done.values())
+  summary = (root / "summary.md").read_text()
+  assert "Chosen: **ema**." in summary and "| rRCM (ema start) | 3 |" in summary
+  assert f"| {replication.LABELS['consistency']} | 3 |" in summary
+  for plot in ("certified_sigma0.25.png", "figure1.png"):
+    assert (root / plot).stat().st_size > 0
 
 
 def test_summary_errors_warn_but_a_sigterm_while_writing_stops(monkeypatch, capsys):
