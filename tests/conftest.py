@@ -114,3 +114,12 @@ def pytest_collection_modifyitems(config, items):
   del config
   heavy = {item.path for item in items if item.get_closest_marker("slow")}
   items.sort(key=lambda item: item.path not in heavy)   # stable: the order within a file stays
+
+
+def subprocess_xla_flags(devices=1):
+  """XLA_FLAGS for a child process: `devices` simulated CPU devices (1: XLA's own default)
+  and this suite's back-end optimization level (see above)."""
+  flags = [f for f in os.environ["XLA_FLAGS"].split() if f.startswith("--xla_backend_optimization")]
+  if devices != 1:
+    flags.append(f"--xla_force_host_platform_device_count={devices}")
+  return " ".join(flags)

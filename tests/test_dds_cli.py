@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import subprocess_xla_flags
 from configs import fashion_mnist_clean_classifier, fashion_mnist_dds_certify
 from configs import fashion_mnist_diffusion
 from rrcm_jax import certify, certlog, checkpoints, classifier, finetune, finetune_step, optim
@@ -294,8 +295,7 @@ def test_cli_certifies_with_dds(denoiser_dir, classifier_dir, tmp_path):
   workdir = tmp_path / "certify"
   flags = {**TINY_DATA, **TINY_VIT, **FAST, "num_images": 2, "dds.denoiser": denoiser_dir,
            "dds.classifier": classifier_dir}
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             PYTHONUNBUFFERED="1")
+  env = dict(os.environ, XLA_FLAGS=subprocess_xla_flags(2), PYTHONUNBUFFERED="1")
   proc = subprocess.run(
       [sys.executable, "-m", "rrcm_jax.certify", "--config=configs/fashion_mnist_dds_certify.py",
        f"--workdir={workdir}", *[f"--config.{k}={v}" for k, v in flags.items()]],
@@ -321,7 +321,7 @@ def test_denoiser_cli_survives_sigterm_and_resumes(tmp_path):
   # One device (no collectives), so a persistent compilation cache is safe here: the
   # resumed run loads the step the first one compiled (the constant learning rate leaves
   # total_steps out of the program) instead of compiling the U-Net again.
-  env = dict(os.environ, XLA_FLAGS="", PYTHONUNBUFFERED="1",
+  env = dict(os.environ, XLA_FLAGS=subprocess_xla_flags(), PYTHONUNBUFFERED="1",
              JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))
   proc = subprocess.Popen(args + ["--config.total_steps=100000"], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import subprocess_xla_flags
 from configs import common, fashion_mnist_finetune, fashion_mnist_pretrain
 from rrcm_jax import checkpoints, classifier, finetune, finetune_step, models, optim, parallel, plot_metrics
 from rrcm_jax import pretrain, pretrain_step
@@ -224,7 +225,7 @@ def test_pretrain_finetune_certify_without_tensorflow(tmp_path):
                 "--config.model.patch_size=4", "--config.model.image_size=8",
                 "--config.data.image_size=8"]
   data = [f"--config.data.arrays={arrays}"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=subprocess_xla_flags(2))
 
   def run(module, config, workdir, *flags):
     cmd = [sys.executable, "-c", NO_TF, module, f"--config={REPO}/configs/{config}",

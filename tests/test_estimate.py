@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import subprocess_xla_flags
 from rrcm_jax import certify, pretrain
 from test_certify import REPO, TINY, cli_flags, shared_finetune_workdir, tiny_certify_config
 from test_finetune import ONE, tiny_pretrain_config
@@ -51,7 +52,7 @@ def test_certify_estimate_cli(classifier_dir, tmp_path):
        f"--workdir={workdir}", f"--config.init_from={classifier_dir}", "--config.num_images=4",
        "--config.estimate=True", *cli_flags(TINY),
        *cli_flags({"n0": 16, "n": 64, "chunk_size": 32, "subset": "first"})],
-      cwd=REPO, env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+      cwd=REPO, env=dict(os.environ, XLA_FLAGS=subprocess_xla_flags(2)),
       capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr
   assert "estimate: certify of 4 images x (n0 16 + n 64) = 320 noisy samples" in proc.stdout

@@ -14,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import subprocess_xla_flags
 from configs import common
 from rrcm_jax import checkpoints, losses, models, optim, parallel, pretrain, pretrain_step
 from rrcm_jax import schedules
@@ -240,7 +241,7 @@ CLI_TINY = ["--config.data.name=synthetic", "--config.model.width=32", "--config
 
 
 def _cli(workdir, *extra):
-  env = dict(os.environ, XLA_FLAGS="", PYTHONUNBUFFERED="1")
+  env = dict(os.environ, XLA_FLAGS=subprocess_xla_flags(), PYTHONUNBUFFERED="1")
   return subprocess.Popen(
       [sys.executable, "-m", "rrcm_jax.pretrain", "--config=configs/fashion_mnist_pretrain.py",
        f"--workdir={workdir}", *CLI_TINY, *extra], cwd=REPO, env=env,
