@@ -302,6 +302,9 @@ def run_stage(root, stage, overrides, env, progress="", complete=None):
   try:
     returncode = proc.wait()
   except (KeyboardInterrupt, Interrupted):
+    # stopping already: a repeated SIGTERM (`timeout` signals the driver, then its whole
+    # process group) must not cut this short before the stage has stopped and is recorded
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     proc.send_signal(signal.SIGTERM)   # the CLIs checkpoint and stop at the next step
     proc.wait()
     append_record(root, status="interrupted", wall_s=round(time.time() - start, 1), **record)

@@ -6,8 +6,10 @@ import gzip
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -468,6 +470,42 @@ def test_summary_errors_warn_but_a_sigterm_while_writing_stops(monkeypatch, caps
   monkeypatch.setattr(replication, "write_summary", sigterm)
   with pytest.raises(replication.Interrupted):
     replication.refresh_summary("x", args)
+
+
+STOPPING_DRIVER = """
+import signal, sys
+from experiments import replication
+
+class Stage(replication.Stage):
+  def argv(self, overrides=()):   # stops 1 s after SIGTERM with the CLIs' "checkpointed" status
+    return [sys.executable, "-c", "import signal, sys, time; signal.signal(signal.SIGTERM, "
+            "lambda *a: (time.sleep(1), sys.exit(75))); print('ready', flush=True); time.sleep(60)"]
+
+def on_term(*unused):
+  raise replication.Interrupted("SIGTERM")
+signal.signal(signal.SIGTERM, on_term)
+try:
+  replication.run_stage(sys.argv[1], Stage("sleeper", "none"), [], None,
+                        complete=lambda: False)
+except replication.Interrupted as e:
+  print(e)
+"""
+
+
+def test_a_repeated_sigterm_still_records_the_stopped_stage(tmp_path):
+  """`timeout` signals the driver and then its whole process group: the second SIGTERM,
+  arriving while the stage stops, must not cut the driver short."""
+  proc = subprocess.Popen([sys.executable, "-c", STOPPING_DRIVER, str(tmp_path)], cwd=REPO,
+                          stdout=subprocess.PIPE, text=True, start_new_session=True)
+  while proc.stdout.readline().strip() != "ready":   # the stage runs, its handler set
+    assert proc.poll() is None
+  os.killpg(proc.pid, signal.SIGTERM)   # the driver and its stage
+  time.sleep(0.3)
+  os.kill(proc.pid, signal.SIGTERM)     # the driver again, while the stage stops
+  out, _ = proc.communicate(timeout=60)
+  assert "interrupted during sleeper" in out
+  statuses = [r["status"] for r in replication.read_records(str(tmp_path))]
+  assert statuses == ["started", "interrupted"]
 
 
 def test_stages_table_shows_commands_relative_to_the_repository():
