@@ -2,8 +2,11 @@
 # Long pre-training on a lent GPU (H100/H200), then fine-tuning and certification, in one call:
 #
 #   bash benchmarks/gpu_study.sh [--cpu] [--minutes M] [--batch B] [--steps N] [--lr LR]
-#                                [--sigma S] [--stages pretrain,finetune,certify,e2e,gpu_check]
+#                                [--sigma S] [--stages pretrain,finetune,certify,e2e,gpu_check,replication]
 #                                [--carry DIR] [--out DIR] [--resume-from DIR]
+#                                [--budget-scales 4,16] [--replication-sigmas 0.5]
+#                                [--replication-methods rrcm,consistency] [--replication-minutes M]
+#                                [--replication-root DIR]
 #
 # Stages (default: pretrain,finetune,certify):
 #   pretrain   configs/fashion_mnist_pretrain.py with the on-device input pipeline
@@ -27,6 +30,19 @@
 #              (no tf.data on the GPU host) for Fashion-MNIST at 256 and 2048 and RCM-B at
 #              32x32 (patch 4), batch 256.
 #   gpu_check  benchmarks/gpu_check.sh --stages matmul,train_step (about 2 minutes).
+#   replication  python -m experiments.replication (configs/fashion_mnist_replication.py,
+#              full sizes) at the larger budgets: --sigmas 0.5 (--replication-sigmas), --methods
+#              rrcm,consistency (--replication-methods), --budget-scales 4,16, data from the
+#              carried IDX files (--arrays); everything at 1x first (the pre-training, rRCM's
+#              three starts, the choice), then 4x and 16x. Root: --replication-root (default
+#              workdirs/gpu_replication, ignored by git, so a second call on the still-warm machine
+#              resumes it; $OUT is emptied before each call and brings back at most 8 files).
+#              SIGTERM after --replication-minutes (default 8): the running stage checkpoints
+#              and the driver stops (status 124); the same command resumes. Then
+#              DIR/replication.tar.gz (the root without checkpoints: summary.md, figures,
+#              stages.jsonl, metrics, certification logs) and DIR/replication_summary.md.
+#              --cpu: --quick sizes, sigma 0.25, rRCM from the EMA start only, no larger budget,
+#              root DIR/replication.
 # Everything lands in DIR (default $OUT when set, else benchmarks/results/gpu_study):
 # study/{pretrain,finetune,certify}/ workdirs (so the checkpoints come back with $OUT),
 # gpu_study.log, pipeline_end_to_end.json, gpu_check/.
@@ -55,6 +71,11 @@ STAGES="pretrain,finetune,certify"
 CARRY="workdirs/gpu_carry"
 DIR="${OUT:-benchmarks/results/gpu_study}"
 FROM=""
+SCALES=""
+REP_SIGMAS=""
+REP_METHODS="rrcm,consistency"
+REP_MINUTES=8
+REP_ROOT=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu) CPU=1 ;;
@@ -67,15 +88,22 @@ while [ $# -gt 0 ]; do
     --carry) CARRY="$2"; shift ;;
     --out) DIR="$2"; shift ;;
     --resume-from) FROM="$2"; shift ;;
+    --budget-scales) SCALES="$2"; shift ;;
+    --replication-sigmas) REP_SIGMAS="$2"; shift ;;
+    --replication-methods) REP_METHODS="$2"; shift ;;
+    --replication-minutes) REP_MINUTES="$2"; shift ;;
+    --replication-root) REP_ROOT="$2"; shift ;;
     *) echo "error: unknown argument $1 (allowed: --cpu, --minutes M, --batch B, --steps N," \
-            "--lr LR, --sigma S, --stages A,B, --carry DIR, --out DIR, --resume-from DIR)" >&2; exit 2 ;;
+            "--lr LR, --sigma S, --stages A,B, --carry DIR, --out DIR, --resume-from DIR," \
+            "--budget-scales A,B, --replication-sigmas A,B, --replication-methods A,B," \
+            "--replication-minutes M, --replication-root DIR)" >&2; exit 2 ;;
   esac
   shift
 done
 for s in ${STAGES//,/ }; do
-  case "$s" in pretrain|finetune|certify|e2e|gpu_check) ;;
+  case "$s" in pretrain|finetune|certify|e2e|gpu_check|replication) ;;
     *) echo "error: --stages: unknown stage $s (allowed: pretrain, finetune, certify, e2e," \
-            "gpu_check)" >&2; exit 2 ;;
+            "gpu_check, replication)" >&2; exit 2 ;;
   esac
 done
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
@@ -116,12 +144,16 @@ if [ "$CPU" = 1 ]; then
   FT=(--config.epochs=1 --config.steps_per_epoch=4 --config.batch_size=32
       --config.eval_batch_size=500 "--config.data.eval_split=test[:500]")
   E2E=(--quick)
+  REPL=(--quick --sigmas "${REP_SIGMAS:-0.25}" --inits ema --budget-scales "${SCALES:-none}")
+  REP_ROOT="${REP_ROOT:-$DIR/replication}"
 else
   BATCH="${BATCH:-2048}"; KNN_EVALS=8; SLACK=180
   PRE=()
   CERT=(--config.n=10000 --config.every=100)
   FT=()
   E2E=(--cases fmnist-256,fmnist-2048,rcmb32-256 --modes resident,device --rounds 5 --steps 20)
+  REPL=(--sigmas "${REP_SIGMAS:-0.5}" --budget-scales "${SCALES:-4,16}")
+  REP_ROOT="${REP_ROOT:-workdirs/gpu_replication}"
 fi
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}"
 export TF_CPP_MIN_LOG_LEVEL=2 PYTHONUNBUFFERED=1
@@ -201,6 +233,27 @@ if has gpu_check; then
   CHECK=(--out "$DIR/gpu_check" --stages matmul,train_step --budget 150)
   [ "$CPU" = 1 ] && CHECK+=(--cpu)
   bash benchmarks/gpu_check.sh "${CHECK[@]}" 2>&1 | tee -a "$LOG" || FAILED=1
+fi
+if has replication; then
+  log "replication: methods $REP_METHODS, ${REPL[*]}, at most $REP_MINUTES min, root $REP_ROOT"
+  mkdir -p "$REP_ROOT"
+  REP_ROOT="$(cd "$REP_ROOT" && pwd)"
+  LIMIT="$("$PY" -c "import sys; print(int(float(sys.argv[1]) * 60))" "$REP_MINUTES")"
+  set +e
+  # the stages' compilations are shared through the persistent cache (rRCM's starts, the
+  # certifications); a second call on the same machine finds it beside the root
+  JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-${REP_ROOT}_jax_cache}" \
+    timeout --signal=TERM --kill-after=60 "$LIMIT" \
+    "$PY" -m experiments.replication --root "$REP_ROOT" --data fashion_mnist --arrays "$DATA" \
+      --methods "$REP_METHODS" "${REPL[@]}" 2>&1 | tee -a "$LOG"
+  STATUS=${PIPESTATUS[0]}
+  set -e
+  log "replication exit status $STATUS (0 complete, 124 stopped at --replication-minutes: run" \
+      "the same command to resume)"
+  [ "$STATUS" = 0 ] || [ "$STATUS" = 124 ] || FAILED=1
+  tar -czf "$DIR/replication.tar.gz" -C "$REP_ROOT" --exclude=checkpoints --exclude='best_*' \
+    --exclude=tensorboard --exclude=plugins --exclude=.rrcm_lock . || FAILED=1
+  if [ -f "$REP_ROOT/summary.md" ]; then cp "$REP_ROOT/summary.md" "$DIR/replication_summary.md"; fi
 fi
 log "gpu_study done, status $FAILED"
 exit "$FAILED"

@@ -8,6 +8,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tarfile
 
 import jax
 import numpy as np
@@ -216,7 +217,8 @@ def test_gpu_study_rejects_an_unknown_stage(tmp_path):
 @pytest.mark.slow
 def test_gpu_study_cpu_runs_without_tensorflow(tmp_path):
   """Pre-training (device pipeline, k-NN monitor), fine-tuning and certification from IDX
-  files with tensorflow, tensorflow_datasets and clu unimportable, as on the GPU host."""
+  files with tensorflow, tensorflow_datasets and clu unimportable, as on the GPU host; then
+  the replication stage, tiny (consistency regularization at --quick sizes, certified)."""
   blocked = tmp_path / "blocked"
   for name in ("tensorflow", "tensorflow_datasets", "clu"):
     (blocked / name).mkdir(parents=True)
@@ -231,8 +233,9 @@ def test_gpu_study_cpu_runs_without_tensorflow(tmp_path):
   env.pop("OUT", None)
   out = tmp_path / "out"
   proc = subprocess.run(["bash", "benchmarks/gpu_study.sh", "--cpu", "--carry", str(tmp_path / "carry"),
-                         "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=900)
+                         "--out", str(out), "--stages", "pretrain,finetune,certify,replication",
+                         "--replication-methods", "consistency"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   plan = json.loads((out / "study" / "plan.json").read_text())
   assert plan["total_steps"] == 12 and plan["save_every"] == 12
@@ -242,3 +245,10 @@ def test_gpu_study_cpu_runs_without_tensorflow(tmp_path):
   assert (out / "study" / "finetune" / "test_results.json").exists()
   rows = (out / "study" / "certify" / "certify_sigma0.25.tsv").read_text().splitlines()
   assert len(rows) == 1 + 5   # header + 5 images
+  with tarfile.open(out / "replication.tar.gz") as tar:
+    names = set(tar.getnames())
+  assert {"./summary.md", "./stages.jsonl", "./certify_consistency_sigma0.25/certify_sigma0.25.tsv",
+          "./consistency_sigma0.25/metrics.jsonl"} <= names
+  assert not any("checkpoints" in n for n in names)
+  assert "consistency regularization" in (out / "replication_summary.md").read_text()
+  assert "replication exit status 0" in (out / "gpu_study.log").read_text()
