@@ -16,6 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from conftest import subprocess_xla_flags
 
 from rrcm_jax import parallel
 from rrcm_jax.data import arrays
@@ -234,7 +235,7 @@ def test_imports_and_runs_without_tensorflow():
           "d = device.DeviceData(np.zeros((8, 8, 8, 3), np.uint8), np.arange(8), parallel.make_mesh(), 0)\n"
           "b = next(d.pretrain_batches(0, 8)); assert b['a1'].shape == (8, 8, 8, 3)\n"
           "assert sys.modules['tensorflow'] is None\n")
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=subprocess_xla_flags(), JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=300, check=False)
   assert out.returncode == 0, out.stderr[-2000:]
@@ -339,7 +340,7 @@ def test_input_device_benchmark_quick(tmp_path):
   8 simulated devices can stall XLA:CPU's rendezvous (see conftest.py)."""
   pytest.importorskip("tensorflow")
   out = tmp_path / "b.json"
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  env = dict(os.environ, XLA_FLAGS=subprocess_xla_flags(), JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
   run = subprocess.run([sys.executable, "-m", "benchmarks.input_device", "--quick", "--out", str(out)],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
   assert run.returncode == 0, run.stderr[-2000:]

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import subprocess_xla_flags
 
 from configs import common, fashion_mnist_finetune, fashion_mnist_pretrain
 from rrcm_jax import checkpoints, classifier, denoiser, finetune, finetune_step, flops, models
@@ -385,7 +386,7 @@ def test_bad_config_is_one_sentence(key, value, match, tmp_path):
 
 @pytest.mark.slow
 def test_cli_bad_init_from_is_one_sentence(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="")
+  env = dict(os.environ, XLA_FLAGS=subprocess_xla_flags())
   proc = subprocess.run(
       [sys.executable, "-m", "rrcm_jax.finetune", "--config=configs/fashion_mnist_finetune.py",
        f"--workdir={tmp_path / 'w'}", f"--config.init_from={tmp_path / 'nope'}",

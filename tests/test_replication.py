@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 import pytest
+from conftest import subprocess_xla_flags
 
 from configs import fashion_mnist_consistency_scratch, fashion_mnist_gaussian_scratch
 from configs import fashion_mnist_replication as rep
@@ -325,7 +326,7 @@ def test_bad_options_are_one_sentence(capsys):
 
 
 def run_quick(root, module="experiments.replication", *flags):
-  env = dict(os.environ, XLA_FLAGS="", PYTHONUNBUFFERED="1",
+  env = dict(os.environ, XLA_FLAGS=subprocess_xla_flags(), PYTHONUNBUFFERED="1",
              JAX_COMPILATION_CACHE_DIR=str(REPO / ".jax_cache"))
   flags = flags or ("--sigmas=0.25", "--methods=rrcm", "--budget-scales=none")
   return subprocess.run(
@@ -365,14 +366,16 @@ def test_bad_controls_are_one_sentence(capsys, tmp_path):
 @pytest.mark.slow
 def test_quick_run_end_to_end_then_resumes(tmp_path):
   root = tmp_path / "replication"
-  proc = run_quick(root)
+  inits = ("ema", "online")      # two starts exercise the choice; the plan tests cover all three
+  flags = ("--sigmas=0.25", "--methods=rrcm", "--budget-scales=none", f"--inits={','.join(inits)}")
+  proc = run_quick(root, "experiments.replication", *flags)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   records = [json.loads(line) for line in (root / "stages.jsonl").read_text().splitlines()]
   done = {r["stage"]: r for r in records if r["status"] == "done"}
-  init, values = replication.choose_init(str(root), 0.25)
-  assert init in rep.INITS and values[init] == max(values.values())
+  init, values = replication.choose_init(str(root), 0.25, inits)
+  assert init in inits and values[init] == max(values.values())
   assert set(done) == ({"pretrain", f"certify_rrcm_{init}_sigma0.25"} |
-                       {f"rrcm_{i}_sigma0.25" for i in rep.INITS})
+                       {f"rrcm_{i}_sigma0.25" for i in inits})
   assert all(r["seed"] == 0 and r["wall_s"] > 0 for r in done.values())
   assert done["rrcm_online_sigma0.25"]["command"].startswith(
       "python -m rrcm_jax.finetune "
@@ -387,10 +390,11 @@ def test_quick_run_end_to_end_then_resumes(tmp_path):
   assert (root / "certified_sigma0.25.png").stat().st_size > 0
   assert (root / "figure1.png").stat().st_size > 0
 
-  again = run_quick(root)   # everything complete: every stage skipped, the summary rewritten
+  # everything complete: every stage skipped, the summary rewritten
+  again = run_quick(root, "experiments.replication", *flags)
   assert again.returncode == 0, again.stderr[-3000:]
   records = [json.loads(line) for line in (root / "stages.jsonl").read_text().splitlines()]
-  assert [r["status"] for r in records[-5:]] == ["skipped"] * 5
+  assert [r["status"] for r in records[-len(done):]] == ["skipped"] * len(done)
   assert (root / "summary.md").exists()
 
   other = subprocess.run([sys.executable, "-m", "experiments.replication", f"--root={root}"],
@@ -434,7 +438,7 @@ def test_quick_run_from_idx_files_without_tensorflow(tmp_path):
   summary and its figures: no stage tries to import TensorFlow or TFDS, no TFDS preparation."""
   idx, marker, root = write_idx_folder(tmp_path / "idx"), tmp_path / "imported", tmp_path / "r"
   blocked = blocked_packages(tmp_path / "blocked", marker)
-  env = dict(os.environ, XLA_FLAGS="", PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu",
+  env = dict(os.environ, XLA_FLAGS=subprocess_xla_flags(), PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu",
              JAX_COMPILATION_CACHE_DIR=str(REPO / ".jax_cache"),
              PYTHONPATH=os.pathsep.join(filter(None, [str(blocked), os.environ.get("PYTHONPATH")])))
   proc = subprocess.run(
