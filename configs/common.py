@@ -371,8 +371,7 @@ def demo_pretrain_config():
 
 
 def demo_finetune_config(sigma):
-  """Consistency fine-tuning of the demo: 2 epochs, batch 128, base lr 2e-3, head trained,
-  from the online weights.
+  """Consistency fine-tuning of the demo: 2 epochs, batch 128, base lr 2e-3, head trained.
 
   A per-step warm-up + cosine (2 epochs: a per-epoch curve would spend one at
   lr 0), and the head trained: frozen at its 2e-5 initialization the small
@@ -384,10 +383,6 @@ def demo_finetune_config(sigma):
   config.optim.per_epoch_lr = False
   config.train_head = True
   config.eval_batch_size = 1000
-  # The online weights: after short pre-trainings (the demo's 2,000 steps, the replication's
-  # 800) they fine-tuned best at the certified σ of the three starts measured (README,
-  # "Fine-tuning choices"); the EMA model still holds 13-45 % of its random initialization.
-  config.init_weights = "online"
   return config
 
 
