@@ -38,6 +38,7 @@ from benchmarks import report, timing
 from configs import common
 from rrcm_jax import classifier, flops, models, pretrained_classifiers, smoothing
 from rrcm_jax.diffusion import dds
+from rrcm_jax.diffusion import train as diffusion_train
 
 SIGMA = 0.5           # pixel space; sets the rRCM grid point and DDS's t* (cost is the same for any)
 NUM_SCALES = 80       # the rRCM classifier's noise-level grid
@@ -60,41 +61,8 @@ PAPER_GFLOPS = {"cifar10": dict(rRCM=11.4, DDS=51.9),
 # ----------------------------------------------------------------------------
 # FLOP counts.
 # ----------------------------------------------------------------------------
-def _eqn_flops(eqn):
-  """2 × multiply-adds of one dot_general or conv_general_dilated equation, else 0."""
-  out = eqn.outvars[0].aval
-  if eqn.primitive.name == "dot_general":
-    (contract, _), _ = eqn.params["dimension_numbers"]
-    lhs = eqn.invars[0].aval
-    return 2 * math.prod(out.shape) * math.prod(lhs.shape[d] for d in contract)
-  if eqn.primitive.name == "conv_general_dilated":
-    rhs, spec = eqn.invars[1].aval, eqn.params["dimension_numbers"].rhs_spec
-    per_output = rhs.shape[spec[1]] * math.prod(rhs.shape[d] for d in spec[2:])
-    return 2 * math.prod(out.shape) * per_output
-  return 0
-
-
-def _sub_jaxprs(value):
-  if hasattr(value, "jaxpr") and hasattr(value, "consts"):   # ClosedJaxpr
-    yield value.jaxpr
-  elif hasattr(value, "eqns"):
-    yield value
-  elif isinstance(value, (tuple, list)):
-    for v in value:
-      yield from _sub_jaxprs(v)
-
-
-def _jaxpr_flops(jaxpr):
-  total = 0
-  for eqn in jaxpr.eqns:
-    inner = sum(_jaxpr_flops(sub) for v in eqn.params.values() for sub in _sub_jaxprs(v))
-    total += _eqn_flops(eqn) + inner * eqn.params.get("length", 1)   # scan runs its body `length` times
-  return total
-
-
-def matmul_flops(fn, *args):
-  """FLOPs (2 per multiply-add) of every matmul, einsum and convolution in fn's jaxpr."""
-  return _jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+# One counter for the package and this benchmark: the jaxpr's matmuls and convolutions.
+matmul_flops = diffusion_train.matmul_flops
 
 
 def xla_flops(compiled):

@@ -183,8 +183,8 @@ def matmul_flops(fn, *args):
 def _matmul_flops(jaxpr):
   total = 0
   for eqn in jaxpr.eqns:
-    for sub in _subjaxprs(eqn):   # pjit, remat, custom_vjp bodies
-      total += _matmul_flops(sub)
+    for sub in _subjaxprs(eqn):   # pjit, remat, custom_vjp, scan bodies (a scan's `length` times)
+      total += _matmul_flops(sub) * eqn.params.get("length", 1)
     name = eqn.primitive.name
     if name == "dot_general":
       (contract, _), _ = eqn.params["dimension_numbers"]
