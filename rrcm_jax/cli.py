@@ -173,9 +173,22 @@ _DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
 def _path_in_text(text):
-  """The first absolute path or gs:// URI in an error message, or None."""
-  found = re.search(r"((?:gs://|/)[^\s\"';,]+)", text)
+  """The first absolute path or gs:// URI in an error message, or None: one that starts
+  the text or follows a space or quote (TensorFlow's "device_/job:localhost/..." is not one)."""
+  found = re.search(r"(?:^|[\s\"'(])((?:gs://|/)[^\s\"';,]+)", text)
   return found.group(1) if found else None
+
+
+def _full_disk_path(error):
+  """Where a full disk without an errno struck: the path in the message when it lies inside
+  the traceback's file or folder (or the traceback names none), else the traceback's."""
+  stated = _path_in_text(str(error))
+  seen = file_in_traceback(error)
+  if seen and not seen.startswith(("/", "gs://")):
+    seen = None   # a bare word, not a path
+  if stated and (seen is None or stated.startswith(seen.rstrip("/") + "/")):
+    return stated
+  return seen or stated or "the workdir"
 
 
 def _os_error(error):
@@ -202,7 +215,7 @@ def explain(error):
       return _os_error(cause)
   for cause in chain:
     if "No space left on device" in str(cause):   # TensorStore's, TensorFlow's: no errno
-      where = file_in_traceback(cause) or _path_in_text(str(cause)) or "the workdir"
+      where = _full_disk_path(cause)
       return (f"no space left on device while writing {where}; what was written before is "
               "intact: free space and rerun the same command to resume."), EX_FAILURE
   if type(error).__name__ == "AsyncError" and (error.__cause__ or error.__context__):
