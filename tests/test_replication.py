@@ -532,3 +532,24 @@ def test_summary_tells_the_earlier_pretraining_from_the_current(tmp_path):
   labelled = replication_summary.label_earlier(records, str(tmp_path))
   assert [r["stage"] for r in labelled] == ["pretrain (earlier)"] * 2 + ["pretrain"] * 2
   assert replication_summary.pretrain_walls(str(tmp_path), records) == (1900.0, 1073.0)
+
+
+def test_long_pretraining_is_named_with_its_commands_until_it_runs(tmp_path):
+  from experiments import replication_summary as summary  # pylint: disable=g-import-not-at-top
+  lines = "\n".join(summary.long_section(str(tmp_path), quick=False))
+  steps, batch = summary.LONG_STEPS, summary.LONG_BATCH
+  epochs = steps * batch / budgets.DEMO_TRAIN_EXAMPLES
+  assert f"({epochs:,.0f} epochs)" in lines and "Not run yet" in lines
+  assert f"--config.total_steps={steps}" in lines and f"--config.batch_size={batch}" in lines
+  for sigma in rep.SIGMAS:   # fine-tuned and certified at every σ of the study
+    assert f"stage=certify,sigma={sigma}" in lines
+  long_dir = tmp_path / summary.LONG_WORKDIR
+  long_dir.mkdir()
+  row = {"step": 3750, "knn/online/clean": 0.8125, "knn/online/noisy_0.5": 0.625,
+         "knn/online/noisy_1.0": 0.5, "knn/ema/clean": 0.75, "knn/ema/noisy_0.5": 0.5,
+         "knn/ema/noisy_1.0": 0.375}
+  (long_dir / "metrics.jsonl").write_text(json.dumps({"step": 50, "loss": 1.0}) + "\n" +
+                                          json.dumps(row) + "\n")
+  lines = "\n".join(summary.long_section(str(tmp_path), quick=False))
+  assert "Not run yet" not in lines
+  assert "| 3,750 | 0.812 / 0.625 / 0.500 | 0.750 / 0.500 / 0.375 |" in lines
