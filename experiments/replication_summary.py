@@ -13,6 +13,8 @@ import os
 import shlex
 import time
 
+import numpy as np
+
 from configs import fashion_mnist_replication as rep
 from experiments import budgets
 from experiments import replication as driver
@@ -91,8 +93,26 @@ def certified_section(root, sigma, init, scales):
   report.plot_certified_accuracy(plot, labels, logs,
                                  title=f"Fashion-MNIST, σ = {sigma}, equal training FLOPs")
   report.write_csv(os.path.join(root, f"certified_sigma{sigma}.csv"), labels, logs, radii=RADII)
-  return [report.markdown_table(labels, logs, radii=RADII), "",
-          f"![certified accuracy, σ = {sigma}]({os.path.basename(plot)})", ""]
+  lines = [report.markdown_table(labels, logs, radii=RADII), "",
+           f"![certified accuracy, σ = {sigma}]({os.path.basename(plot)})", ""]
+  return lines + same_images_table(present, labels, logs)
+
+
+def on_images(log, idx):
+  """The rows of a read log whose test index is in `idx`."""
+  keep = np.isin(log["idx"], idx)
+  return {k: (v[keep] if isinstance(v, np.ndarray) else v) for k, v in log.items()}
+
+
+def same_images_table(present, labels, logs):
+  """Every arm on DDS's images only (DDS certifies a subset): the like-for-like comparison."""
+  dds = [i for i, (key, _, _) in enumerate(present) if key == "dds"]
+  if not dds or len(logs[dds[0]]["idx"]) == 0:
+    return []
+  idx = logs[dds[0]]["idx"]
+  subset = [on_images(log, idx) for log in logs]
+  return [f"The same {len(idx)} images for every arm (those DDS certified), like for like:", "",
+          report.markdown_table(labels, subset, radii=RADII), ""]
 
 
 def classifier_section(root, sigma, init, scales, val_split):

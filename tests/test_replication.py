@@ -553,3 +553,24 @@ def test_long_pretraining_is_named_with_its_commands_until_it_runs(tmp_path):
   lines = "\n".join(summary.long_section(str(tmp_path), quick=False))
   assert "Not run yet" not in lines
   assert "| 3,750 | 0.812 / 0.625 / 0.500 | 0.750 / 0.500 / 0.375 |" in lines
+
+
+def test_every_arm_is_also_shown_on_the_images_dds_certified(tmp_path):
+  from experiments import replication_summary as summary  # pylint: disable=g-import-not-at-top
+  from rrcm_jax import certlog  # pylint: disable=g-import-not-at-top
+  from test_figure1 import write_log  # pylint: disable=g-import-not-at-top
+  # idx, label, predict, radius, seconds: the other arm is right on 0 and 40, wrong on 20
+  other = write_log(tmp_path / "other", rows=[(0, 1, 1, 0.9, 1.0), (20, 2, 3, 0.0, 1.0),
+                                              (40, 3, 3, 0.6, 1.0), (60, 4, 4, 0.3, 1.0)])
+  dds = write_log(tmp_path / "dds", rows=[(0, 1, 1, 0.4, 9.0), (40, 3, 0, 0.0, 9.0)],
+                  method="dds")
+  present = [("consistency", "consistency", other), ("dds", "DDS", dds)]
+  logs = [certlog.read_log(p) for _, _, p in present]
+  lines = summary.same_images_table(present, ["consistency", "DDS"], logs)
+  text = "\n".join(lines)
+  assert text.startswith("The same 2 images for every arm")
+  row = next(line for line in lines[2].split("\n") if line.startswith("| consistency"))
+  cells = [c.strip().strip("*") for c in row.strip("|").split("|")]
+  # on images 0 and 40 only: both right at r = 0, only image 0 (0.9) at r = 0.75
+  assert cells[1] == "2" and cells[2] == "1.000" and cells[5] == "0.500"
+  assert summary.same_images_table(present[:1], ["consistency"], logs[:1]) == []
