@@ -185,6 +185,10 @@ def share_section(root, quick):
     logged = last_record(driver.denoiser_dir(root, share), "train_flops").get("train_flops")
     lines += ["", f"Chosen: **{share}** of the budget for the classifier, {1 - share} for the "
               f"denoiser (its run logged {tflop(logged)} TFLOP)."]
+    if share == max(rep.CLEAN_SHARES):
+      lines[-1] += (" It is the largest share tried and the classifier's accuracy was still "
+                    "rising there: the split is at the edge of the search, not at a "
+                    "measured optimum.")
   else:
     lines += ["", "Chosen: pending (classifiers incomplete)."]
   return lines + [""], share

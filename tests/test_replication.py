@@ -574,3 +574,14 @@ def test_every_arm_is_also_shown_on_the_images_dds_certified(tmp_path):
   # on images 0 and 40 only: both right at r = 0, only image 0 (0.9) at r = 0.75
   assert cells[1] == "2" and cells[2] == "1.000" and cells[5] == "0.500"
   assert summary.same_images_table(present[:1], ["consistency"], logs[:1]) == []
+
+
+@pytest.mark.parametrize("accuracies,edge", [((0.80, 0.85, 0.87), True),
+                                             ((0.80, 0.868, 0.871), False)])
+def test_a_split_at_the_edge_of_the_search_is_said(tmp_path, accuracies, edge):
+  from experiments import replication_summary as summary  # pylint: disable=g-import-not-at-top
+  for share, acc in zip(rep.CLEAN_SHARES, accuracies):
+    fake_finetune(tmp_path / f"dds_classifier_share{share}", [{"clean": acc}])
+  lines, share = summary.share_section(str(tmp_path), quick=False)
+  assert share == (max(rep.CLEAN_SHARES) if edge else 0.25)
+  assert ("edge of the search" in "\n".join(lines)) == edge
