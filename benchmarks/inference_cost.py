@@ -1,6 +1,6 @@
 r"""Inference cost of certification: rRCM's one classifier call against DDS's denoise + classify.
 
-  python -m benchmarks.inference_cost [--datasets fashion_mnist,cifar10,imagenet]
+  python -m benchmarks.inference_cost [--datasets fashion_mnist,fashion_mnist_replication,...]
                                       [--seconds 5] [--quick]
 
 Randomized smoothing classifies n noisy copies of every image (n = 100,000
@@ -12,7 +12,8 @@ certification costs. For each dataset two base classifiers are compared:
   patch 16 at 224 for ImageNet; configs/common.py's setups);
 * DDS (docs/method.md, "Diffusion denoised smoothing"): one U-Net call at t*,
   clamp, resize, classifier: `fashion_mnist_small` + the Fashion-MNIST demo
-  ViT (at clean conditioning) at 28; `cifar10_uncond_50M_500K` at 32 +
+  ViT (at clean conditioning) at 28, and the replication's
+  `fashion_mnist_tiny` + its ViT; `cifar10_uncond_50M_500K` at 32 +
   Hugging Face ViT-B/16 at 224; `256x256_diffusion_uncond` at 224 + BEiT-L/16
   at 512 (`rrcm_jax.pretrained_classifiers`).
 
@@ -44,10 +45,15 @@ SIGMA = 0.5           # pixel space; sets the rRCM grid point and DDS's t* (cost
 NUM_SCALES = 80       # the rRCM classifier's noise-level grid
 N_CERTIFY = 100_000   # CERTIFY's estimation samples (plus N0 = 100 selection samples)
 N0 = 100
-DATASETS = ("fashion_mnist", "cifar10", "imagenet")
+DATASETS = ("fashion_mnist", "fashion_mnist_replication", "cifar10", "imagenet")
 # (rRCM setup, classes, chunk), (DDS denoiser, DDS classifier or None = the rRCM ViT, chunk).
+# fashion_mnist_replication: the replication's ViT and DDS arm (experiments/replication.py)
+# at its certification chunks, so its cost ratio is measured in one run, not read off logs
+# written at different loads.
 PAIRS = {
     "fashion_mnist": (("fashion_mnist", 10, 32), ("fashion_mnist_small", None, 8)),
+    "fashion_mnist_replication": (("fashion_mnist_replication", 10, 1000),
+                                  ("fashion_mnist_tiny", None, 32)),
     "cifar10": (("cifar10_rcmb", 10, 8), ("cifar10_uncond_50M_500K", "hf_vit_b16_cifar10", 2)),
     "imagenet": (("imagenet_rcmb", 1000, 2),
                  ("256x256_diffusion_uncond", "beit_large_patch16_512", 1)),
@@ -99,7 +105,11 @@ def random_params(init_fn, *args, seed=0):
 
 def _rrcm_vit(setup, num_classes, dtype):
   """(model config, Classifier module, params) of an rRCM classifier computing in `dtype`."""
-  cfg = common.setup(setup).model.copy_and_resolve_references()
+  if setup == "fashion_mnist_replication":
+    from configs import fashion_mnist_replication  # pylint: disable=g-import-not-at-top
+    cfg = fashion_mnist_replication.model_config().copy_and_resolve_references()
+  else:
+    cfg = common.setup(setup).model.copy_and_resolve_references()
   cfg.dtype = dtype
   module = models.classifier(cfg, num_classes, final_norm=False)
   x = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, cfg.channels), jnp.float32)
@@ -156,7 +166,7 @@ def build_dds(dataset, dtype="float32"):
           (1, side, side, unet.in_channels), jnp.float32))))
   return dict(dataset=dataset, method="DDS", chunk=chunk, logits_input="clean_and_noise",
               num_classes=num_classes,
-              name=f"DDS {denoiser} at {size}px + {classifier_name or 'the rRCM demo ViT'}"
+              name=f"DDS {denoiser} at {size}px + {classifier_name or 'its rRCM ViT'}"
                    f" at {resolution or size}px",
               logits_fn=dds.make_logits_fn(unet, classifier_fn, step, resolution),
               params=dict(denoiser=unet_params, classifier=classifier_params), shape=shape,

@@ -172,6 +172,28 @@ def test_inference_cost_quick_fashion_mnist_pair(tmp_path):
   assert "| fashion_mnist | DDS |" in data["table"]
 
 
+def test_inference_cost_of_the_replication_pair_matches_the_summary_count(tmp_path):
+  """The replication's arms: the benchmark's jaxpr count per noisy sample is the ViT formula
+  for rRCM and, for DDS, what the replication summary charges (ViT + one tiny U-Net call)."""
+  from benchmarks import inference_cost  # pylint: disable=g-import-not-at-top
+  from configs import fashion_mnist_replication as rep  # pylint: disable=g-import-not-at-top
+  from experiments import replication_summary  # pylint: disable=g-import-not-at-top
+  from rrcm_jax import flops  # pylint: disable=g-import-not-at-top
+  counts = {}
+  for build in (inference_cost.build_rrcm, inference_cost.build_dds):
+    spec = build("fashion_mnist_replication")
+    inputs = inference_cost.chunk_inputs(spec, 2)
+    counts[spec["method"]] = inference_cost.matmul_flops(spec["logits_fn"], spec["params"],
+                                                         *inputs) / 2
+  vit = flops.forward_flops(rep.model_config(), rep.NUM_CLASSES)
+  assert counts["rRCM"] == pytest.approx(vit, rel=0.02)
+  from test_figure1 import write_log  # pylint: disable=g-import-not-at-top
+  charged = replication_summary.inference_flops(write_log(tmp_path, method="dds"))
+  assert charged > vit and replication_summary.inference_flops(
+      write_log(tmp_path / "rrcm")) == pytest.approx(vit)
+  assert counts["DDS"] == pytest.approx(charged, rel=0.02)
+
+
 def test_jaxpr_matmul_count_of_a_padded_conv():
   """2 per multiply-add over the full kernel (padding included: the PyTorch counters'
   convention); XLA's cost analysis leaves out the taps that fall on the padding."""
