@@ -362,7 +362,10 @@ def cost_section(root, sigmas, init, scales):
   lines = ["## Inference cost (Figure 1)", "",
            "Per certified arm: FLOPs per noisy sample, the measured rate while certifying "
            "(median image, this CPU), and the seconds one image would cost at n = 100,000, "
-           "n0 = 100.", ""]
+           "n0 = 100. The logs' rates were measured at different loads of a shared machine; "
+           "`python -m benchmarks.inference_cost --datasets fashion_mnist_replication` times "
+           "rRCM's and DDS's per-sample functions in one run (benchmarks/README.md, \"Inference "
+           "cost: rRCM vs DDS\").", ""]
   points = []
   for sigma in sigmas:
     here = []
