@@ -142,6 +142,9 @@ def method_of(label):
   return re.sub(r"[\s,;(]*(σ|sigma)\s*=?\s*[\d.]+\)?", "", label).strip() or label
 
 
+LABELLED_POINTS = 4   # more points than this: the legend alone says which is which
+
+
 def _label_heights(xs, ys, width=0.3, height=0.045):
   """Heights of labels right of points at (xs, axes fraction; ys): from the top down, a
   label that would overlap one already placed moves below it."""
@@ -161,8 +164,9 @@ def _label_heights(xs, ys, width=0.3, height=0.045):
 
 def draw(points, path, radii=RADII, n=N_PAPER, n0=N0_PAPER):
   """Figure 1: one panel per radius, certified accuracy against seconds per certified image
-  (log axis); color = method, marker = σ, each point labelled. Writes `path` (.png) and the
-  .pdf beside it; returns the paths written."""
+  (log axis); color = method, marker = σ, the legend below the panels, and each point
+  labelled when there are at most LABELLED_POINTS. Writes `path` (.png) and the .pdf beside
+  it; returns the paths written."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   from matplotlib.lines import Line2D  # pylint: disable=g-import-not-at-top
@@ -173,7 +177,10 @@ def draw(points, path, radii=RADII, n=N_PAPER, n0=N0_PAPER):
   sigmas = sorted({p.sigma for p in points})
   colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
   markers = {s: MARKERS[i % len(MARKERS)] for i, s in enumerate(sigmas)}
-  figure = Figure(figsize=(5 * len(radii), 4.2))
+  labelled = len(points) <= LABELLED_POINTS
+  columns = 2 if max(len(m) for m in methods) > 40 else 3
+  legend_rows = -(-(len(methods) + len(sigmas)) // columns)
+  figure = Figure(figsize=(6 * len(radii), 4.2 + 0.22 * legend_rows))
   FigureCanvasAgg(figure)
   seconds = [seconds_per_image(p, n, n0) for p in points]
   for k, r in enumerate(radii):
@@ -185,7 +192,7 @@ def draw(points, path, radii=RADII, n=N_PAPER, n0=N0_PAPER):
                    edgecolors="black", linewidths=0.5, zorder=3)
     span = np.log(high * 3) - np.log(low / 3)   # the x-axis, in log units
     heights = _label_heights([(np.log(x) - np.log(low / 3)) / span for x in seconds], ys)
-    for p, x, y, label_y in zip(points, seconds, ys, heights):
+    for p, x, y, label_y in zip(points, seconds, ys, heights) if labelled else ():
       axes.annotate(p.label, (x, y), xytext=(x * np.exp(0.07 * span), label_y + 0.012),
                     fontsize=7, arrowprops=None if label_y == y else dict(
                         arrowstyle="-", color="gray", linewidth=0.5, shrinkA=0, shrinkB=3))
@@ -200,8 +207,8 @@ def draw(points, path, radii=RADII, n=N_PAPER, n0=N0_PAPER):
   handles = ([Line2D([], [], color=colors[m], marker="o", linestyle="", label=m) for m in methods]
              + [Line2D([], [], color="gray", marker=markers[s], linestyle="", label=f"σ = {s:g}")
                 for s in sigmas])
-  figure.axes[-1].legend(handles=handles, fontsize=8, loc="best")
-  figure.tight_layout()
+  figure.legend(handles=handles, fontsize=8, loc="lower center", ncol=columns, frameon=False)
+  figure.tight_layout(rect=(0, 0.055 * legend_rows * 4.2 / figure.get_figheight(), 1, 1))
   written = [stem + ".png", stem + ".pdf"]
   for out in written:
     buffer = io.BytesIO()

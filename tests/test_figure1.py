@@ -81,6 +81,22 @@ def test_table_and_figure(tmp_path):
   assert os.path.getsize(written[1]) > 0
 
 
+def test_a_crowded_figure_leaves_the_naming_to_the_legend(tmp_path, monkeypatch):
+  from matplotlib.axes import Axes  # pylint: disable=g-import-not-at-top
+  notes = []
+  annotate = Axes.annotate
+  monkeypatch.setattr(Axes, "annotate", lambda self, text, *a, **k: notes.append(text) or
+                      annotate(self, text, *a, **k))
+  log = write_log(tmp_path / "a")
+  few = [figure1.load_point(log, label=f"m{i} σ=0.25") for i in range(figure1.LABELLED_POINTS)]
+  figure1.draw(few, str(tmp_path / "few.png"), radii=(0.25,))
+  assert sorted(notes) == sorted(p.label for p in few)   # each point named beside it
+  notes.clear()
+  many = few + [figure1.load_point(log, label="another σ=0.5")]
+  written = figure1.draw(many, str(tmp_path / "many.png"), radii=(0.25,))
+  assert notes == [] and all(os.path.getsize(p) > 0 for p in written)
+
+
 def test_labels_of_nearby_points_do_not_overlap():
   xs, ys = [0.1, 0.1, 0.12, 0.9], [0.8, 0.8, 0.79, 0.8]
   heights = figure1._label_heights(xs, ys)
