@@ -335,7 +335,7 @@ def long_section(root, quick):
   rows = [r for r in (workdir_lib.read_metrics(long_dir) if os.path.isdir(long_dir) else [])
           if "knn/online/clean" in r]
   if not rows:
-    return lines + ["Not run yet: no GPU was available to this replication.", ""]
+    return lines + [f"Not run yet: `{at}` holds no k-NN evaluation.", ""]
   lines += ["k-NN accuracy of the long pre-training (online / EMA; clean, s = 0.5, s = 1.0):", "",
             "| step | online | EMA |", "|---|---|---|"]
   for r in rows:
