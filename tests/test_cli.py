@@ -79,6 +79,21 @@ def test_disk_full_inside_a_checkpoint_library_is_the_same_sentence(tmp_path):
   assert status == 1
 
 
+def _flush_events(directory):
+  raise RuntimeError("{{function_node __wrapped__FlushSummaryWriter_device_/job:localhost/replica:"
+                     f"0/task:0/device:CPU:0}}}} {directory}/tensorboard/events.out.tfevents.1.v2; "
+                     "No space left on device")
+
+
+def test_disk_full_in_tensorflows_writer_names_its_events_file(tmp_path):
+  message, status = cli.explain(_raised(_flush_events, str(tmp_path)))
+  assert message.startswith(
+      f"no space left on device while writing {tmp_path}/tensorboard/events.out.tfevents.1.v2;"
+  ), message
+  assert status == 1
+  _one_sentence(message)
+
+
 def _read_json(path):
   return json.loads(pathlib.Path(path).read_text())
 
