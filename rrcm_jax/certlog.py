@@ -41,6 +41,7 @@ import sys
 import numpy as np
 from etils import epath
 
+from rrcm_jax.config_checks import flatten
 from rrcm_jax.textfiles import Appender as _Appender
 from rrcm_jax.textfiles import nonempty as _nonempty
 from rrcm_jax.textfiles import read_text as _read_text
@@ -359,18 +360,8 @@ def read_settings(path):
   return _legacy_settings(path)
 
 
-def _flat(settings, prefix=""):
-  flat = {}
-  for key, value in settings.items():
-    if isinstance(value, dict):
-      flat.update(_flat(value, f"{prefix}{key}."))
-    else:
-      flat[prefix + key] = value
-  return flat
-
-
 def _compare(path, saved, ours, ignore):
-  saved, ours = _flat(saved), _flat(json.loads(json.dumps(ours)))   # tuples -> lists, as saved
+  saved, ours = flatten(saved), flatten(json.loads(json.dumps(ours)))   # tuples -> lists, as saved
   for key in sorted((set(saved) | set(ours)) - set(ignore)):
     if saved.get(key) != ours.get(key):
       raise ValueError(f"{path} was made with {key}={saved.get(key)!r}, this run has "

@@ -104,11 +104,13 @@ def _check_profile(config, present):
 # ----------------------------------------------------------------------------
 # Resuming with the same settings.
 # ----------------------------------------------------------------------------
-def _flat(tree, prefix=""):
+def flatten(tree, prefix=""):
+  """A JSON-like tree of dicts as {"a.b.c": leaf}: how saved configs and certification
+  settings are compared key by key."""
   flat = {}
   for key, value in tree.items():
     if isinstance(value, dict):
-      flat.update(_flat(value, f"{prefix}{key}."))
+      flat.update(flatten(value, f"{prefix}{key}."))
     else:
       flat[prefix + key] = value
   return flat
@@ -139,7 +141,7 @@ def _allowed(key, names):
 def binding_differences(saved, config, allow=()):
   """[(dotted key, saved value, new value)] of the binding settings (`BINDING`) that differ
   between `saved` (the workdir's config.json as a dict) and `config`, except `allow`."""
-  old, new = _flat(saved), _flat(_as_json(config))
+  old, new = flatten(saved), flatten(_as_json(config))
   differences = []
   for key in sorted(set(old) | set(new)):
     if key.split(".")[0] not in BINDING or _allowed(key, allow):
@@ -153,7 +155,7 @@ def _with_saved_values(config, saved, keys):
   """A copy of `config` with the dotted `keys` set back to their `saved` values; values that
   follow them through references (the warm-up that follows total_steps) follow again."""
   probe = copy.deepcopy(config)
-  old = _flat(saved)
+  old = flatten(saved)
   with probe.unlocked():
     for key in keys:
       section, _, name = key.rpartition(".")
@@ -169,7 +171,7 @@ def unexplained_differences(saved, config, allow=()):
   """`binding_differences` left once the allowed keys (and what follows them) are set back
   to their saved values, the key that explains most others first: with total_steps changed,
   total_steps is named rather than the warm-up that follows it."""
-  allowed = [key for key in _flat(saved) if _allowed(key, allow)]
+  allowed = [key for key in flatten(saved) if _allowed(key, allow)]
   if allowed:
     config = _with_saved_values(config, saved, allowed)
   differences = binding_differences(saved, config, allow)
