@@ -22,7 +22,8 @@ Runs every stage of configs/fashion_mnist_replication.py as its own CLI call
      validation accuracy saturates chosen (`choose_share`), the denoiser on the rest of the
      budget, then DDS's certification per σ on every 4th of the certified images;
   5. the budget multiples of --budget-scales (default 4) at the last σ: rRCM (pre-training
-     and fine-tuning × the multiple) and consistency regularization (steps × the multiple).
+     and fine-tuning × the multiple, then its certification), then consistency
+     regularization (steps × the multiple, then its certification).
 
 The plan is recomputed after every stage, so the choices of 2 and 4 take effect as soon as
 their runs are complete. Running the same command again resumes: a stage whose output is
@@ -237,10 +238,10 @@ def plan(root, sigmas, methods, quick, data, scales=(), init=None, share=None,
       stages.append(Stage(scaled("pretrain", scale), "rrcm_jax.pretrain",
                           rep.config_arg("pretrain", quick=quick, scale=scale),
                           pretrain_dir(root, scale)))
-    trained = [m for m in SCALED_METHODS if m in methods and (m != "rrcm" or init)]
-    stages += [finetune_stage(root, m, sigma, quick, init, scale) for m in trained]
-    stages += [certify_stage(root, rrcm_name(init) if m == "rrcm" else m, sigma, quick, scale)
-               for m in trained]
+    for m in SCALED_METHODS:   # each arm certified as soon as it is trained: a row per arm
+      if m in methods and (m != "rrcm" or init):
+        stages += [finetune_stage(root, m, sigma, quick, init, scale),
+                   certify_stage(root, rrcm_name(init) if m == "rrcm" else m, sigma, quick, scale)]
   return stages
 
 

@@ -168,8 +168,8 @@ def test_plan_order_workdirs_and_choices():
   assert "--config.dds.denoiser=/r/dds_denoiser_share0.75" in argv
   assert "--config.dds.classifier=/r/dds_classifier_share0.25" in argv
   # the 4× point last, at the last σ
-  x4 = ["pretrain_x4", "rrcm_online_x4_sigma0.5", "consistency_x4_sigma0.5",
-        "certify_rrcm_online_x4_sigma0.5", "certify_consistency_x4_sigma0.5"]
+  x4 = ["pretrain_x4", "rrcm_online_x4_sigma0.5", "certify_rrcm_online_x4_sigma0.5",
+        "consistency_x4_sigma0.5", "certify_consistency_x4_sigma0.5"]
   assert names[-5:] == x4
   assert by["rrcm_online_x4_sigma0.5"].init_from == "/r/pretrain_x4"
   assert by["rrcm_online_x4_sigma0.5"].arg == "stage=rrcm,sigma=0.5,init=online,scale=4"
