@@ -4,8 +4,8 @@ Rewritten after every stage from whatever is complete in the root: the two choic
 (rRCM's start, DDS's classifier share) with the validation numbers they were made on,
 certified accuracy per σ and arm with one plot per σ (certified_sigma<σ>.png / .csv),
 the classifiers' accuracies, training FLOPs under two accountings of the shared
-trainings, the larger-budget points (done or pending, with their commands), the
-inference cost of each certified arm (`experiments.figure1`: its table and figure1.png),
+trainings, the larger-budget points (done or pending, with their commands, and each beside
+its 1× run: which way the gap moves), the inference cost of each certified arm (`experiments.figure1`: its table and figure1.png),
 and every stage's command and wall time.
 """
 import json
@@ -24,6 +24,7 @@ from rrcm_jax import workdir as workdir_lib
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 EARLIER = "rrcm"   # workdirs rrcm_sigma<σ>: the earlier run, EMA start of an earlier pre-training
 EARLIER_LABEL = "rRCM, earlier run (EMA start, earlier pre-training)"
+SHORT = {"rrcm": "rRCM", "consistency": "consistency regularization"}
 
 
 def tflop(x):
@@ -129,6 +130,8 @@ def classifier_section(root, sigma, init, scales, val_split):
     if not os.path.isdir(wd):
       continue
     val, test = last_record(wd, "val/clean"), test_last(wd)
+    if not test and val:
+      label += f" (in progress; last validated at step {val['step']})"
     cells = [f"{cell(val.get(f'val/{k}'))} / {cell(test.get(k))}"
              for k in ("clean", "noisy_0.5", "noisy_1.0", "noisy_2.0")]
     total = last_record(wd, "total_flops").get("total_flops")
@@ -261,7 +264,47 @@ def accounting_section(root, sigmas, init, share, quick):
 # ----------------------------------------------------------------------------
 # Larger budgets, cost, stages.
 # ----------------------------------------------------------------------------
-def scales_section(root, args):
+def gap_section(root, sigma, init, scales):
+  """Each larger-budget arm beside its 1× run on the same images, and the baseline's lead
+  over rRCM at each multiple where both are certified: which way the gap moves."""
+  done = {}
+  for m in driver.SCALED_METHODS:
+    if m == "rrcm" and not init:
+      continue
+    name = driver.rrcm_name(init) if m == "rrcm" else m
+    for scale in (1, *scales):
+      log = driver.certify_log(root, name, sigma, scale)
+      if os.path.exists(log) and done_log(log):
+        done[m, scale] = certlog.read_log(log)
+  if not any(scale > 1 for _, scale in done):
+    return []
+  radii = (0.5, 1.0)
+  lines = ["Which way the gap moves (complete certifications only, "
+           f"σ = {sigma}):", "",
+           "| arm | budget | images | " + " | ".join(f"r = {r:g}" for r in radii) + " | ACR |",
+           "|" + "---|" * (4 + len(radii))]
+  for (m, scale), log in done.items():
+    accuracies, acrs = report.summarize([log], radii)
+    lines.append(f"| {SHORT[m]} | {scale}× | "
+                 f"{len(log['idx'])} | " + " | ".join(cell(a) for a in accuracies[0]) +
+                 f" | {cell(acrs[0])} |")
+  lines.append("")
+  for scale in (1, *scales):
+    if ("rrcm", scale) in done and ("consistency", scale) in done:
+      (acc_r, acc_c), (acr_r, acr_c) = report.summarize(
+          [done["rrcm", scale], done["consistency", scale]], radii)
+      lead = ", ".join(f"{c - r:+.3f} at r = {x:g}" for x, r, c in zip(radii, acc_r, acc_c))
+      lines.append(f"- {scale}×: consistency regularization minus rRCM: {acr_c - acr_r:+.3f} ACR; "
+                   f"certified accuracy {lead}.")
+  for scale in scales:
+    missing = [m for m in ("rrcm", "consistency") if (m, scale) not in done]
+    if missing:
+      lines.append(f"- {scale}×: not certified yet: {' and '.join(missing)} (the driver "
+                   "resumes them).")
+  return lines + [""]
+
+
+def scales_section(root, args, init=None):
   if not args.budget_scales:
     return []
   stages = {s.name: s for s in driver.current_plan(root, args)}
@@ -274,7 +317,8 @@ def scales_section(root, args):
     for name, s in stages.items():
       if f"x{scale}" not in name:
         continue
-      status = "done" if driver.is_complete(s, []) else "pending"
+      status = ("done" if driver.is_complete(s, []) else
+                "started (resumes)" if os.path.isdir(s.workdir) else "pending")
       if name.startswith("certify"):
         cost = ""
       elif name.startswith("pretrain"):
@@ -285,7 +329,7 @@ def scales_section(root, args):
                                                           if "rrcm" in name else "")
       command = shlex.join(["python", *s.argv()[1:]]).replace(driver.REPO + os.sep, "")
       lines.append(f"| {name} | {cost} | {status} | `{command}` |")
-  return lines + [""]
+  return lines + [""] + gap_section(root, args.sigmas[-1], init, args.budget_scales)
 
 
 # The experiment that would test the claim: the paper's pre-training length on a GPU.
@@ -464,7 +508,7 @@ def write_summary(root, args):
     lines += [f"## σ = {sigma}", ""] + certified_section(root, sigma, init, scales)
     lines += classifier_section(root, sigma, init, scales, rep.SIZES[quick].val_split)
   lines += accounting_section(root, args.sigmas, init, share, quick)
-  lines += scales_section(root, args)
+  lines += scales_section(root, args, init)
   lines += cost_section(root, args.sigmas, init, args.budget_scales)
   lines += long_section(root, quick)
   records = label_earlier(records, root)

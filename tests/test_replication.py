@@ -585,3 +585,32 @@ def test_a_split_at_the_edge_of_the_search_is_said(tmp_path, accuracies, edge):
   lines, share = summary.share_section(str(tmp_path), quick=False)
   assert share == (max(rep.CLEAN_SHARES) if edge else 0.25)
   assert ("edge of the search" in "\n".join(lines)) == edge
+
+
+def test_gap_section_sets_each_larger_budget_beside_its_1x_run(tmp_path):
+  from experiments import replication_summary as summary  # pylint: disable=g-import-not-at-top
+  from test_figure1 import write_log  # pylint: disable=g-import-not-at-top
+  root = str(tmp_path)
+
+  def certified(name, scale, radii, complete=True):
+    path = write_log(replication.certify_dir(root, name, 0.5, scale), sigma=0.5,
+                     rows=[(i * 20, 1, 1, r, 1.0) for i, r in enumerate(radii)])
+    if complete:
+      open(path[:-len(".tsv")] + ".md", "w").close()
+
+  assert summary.gap_section(root, 0.5, "online", [4]) == []   # nothing certified yet
+  certified("rrcm_online", 1, (0.2, 0.6))
+  certified("consistency", 1, (1.2, 1.2))
+  certified("rrcm_online", 4, (1.0, 1.0))
+  assert summary.gap_section(root, 0.5, "online", []) == []    # no larger budget asked for
+  certified("consistency", 4, (1.3, 1.3), complete=False)      # still certifying: left out
+  text = "\n".join(summary.gap_section(root, 0.5, "online", [4]))
+  assert "| rRCM | 4× | 2 | 1.000 | 1.000 | 1.000 |" in text
+  assert "| rRCM | 1× | 2 | 0.500 | 0.000 | 0.400 |" in text
+  assert ("- 1×: consistency regularization minus rRCM: +0.800 ACR; certified accuracy "
+          "+0.500 at r = 0.5, +1.000 at r = 1.") in text
+  assert "- 4×: not certified yet: consistency" in text
+  open(replication.certify_log(root, "consistency", 0.5, 4)[:-len(".tsv")] + ".md", "w").close()
+  text = "\n".join(summary.gap_section(root, 0.5, "online", [4]))
+  assert "- 4×: consistency regularization minus rRCM: +0.300 ACR" in text
+  assert "not certified yet" not in text
