@@ -76,7 +76,7 @@ def arms(root, sigma, init, scales):
       name = driver.rrcm_name(init) if m == "rrcm" else m
       if m == "rrcm" and not init:
         continue
-      out.append((driver.scaled(name, scale), f"{'rRCM' if m == 'rrcm' else m}, {scale}× budget",
+      out.append((driver.scaled(name, scale), f"{SHORT[m]}, {scale}× budget",
                   driver.certify_log(root, name, sigma, scale),
                   driver.finetune_dir(root, name, sigma, scale)))
   return out
@@ -130,8 +130,9 @@ def classifier_section(root, sigma, init, scales, val_split):
     if not os.path.isdir(wd):
       continue
     val, test = last_record(wd, "val/clean"), test_last(wd)
-    if not test and val:
-      label += f" (in progress; last validated at step {val['step']})"
+    if not test:
+      label += (f" (in progress; last validated at step {val['step']})" if val else
+                " (in progress)")
     cells = [f"{cell(val.get(f'val/{k}'))} / {cell(test.get(k))}"
              for k in ("clean", "noisy_0.5", "noisy_1.0", "noisy_2.0")]
     total = last_record(wd, "total_flops").get("total_flops")
@@ -299,8 +300,8 @@ def gap_section(root, sigma, init, scales):
   for scale in scales:
     missing = [m for m in ("rrcm", "consistency") if (m, scale) not in done]
     if missing:
-      lines.append(f"- {scale}×: not certified yet: {' and '.join(missing)} (the driver "
-                   "resumes them).")
+      lines.append(f"- {scale}×: not certified yet: {' and '.join(SHORT[m] for m in missing)} "
+                   f"(the driver resumes {'it' if len(missing) == 1 else 'them'}).")
   return lines + [""]
 
 

@@ -609,8 +609,27 @@ def test_gap_section_sets_each_larger_budget_beside_its_1x_run(tmp_path):
   assert "| rRCM | 1× | 2 | 0.500 | 0.000 | 0.400 |" in text
   assert ("- 1×: consistency regularization minus rRCM: +0.800 ACR; certified accuracy "
           "+0.500 at r = 0.5, +1.000 at r = 1.") in text
-  assert "- 4×: not certified yet: consistency" in text
+  assert "- 4×: not certified yet: consistency regularization (the driver resumes it)." in text
   open(replication.certify_log(root, "consistency", 0.5, 4)[:-len(".tsv")] + ".md", "w").close()
   text = "\n".join(summary.gap_section(root, 0.5, "online", [4]))
   assert "- 4×: consistency regularization minus rRCM: +0.300 ACR" in text
   assert "not certified yet" not in text
+
+
+def test_a_classifier_still_training_is_labelled_in_progress(tmp_path):
+  from experiments import replication_summary as summary  # pylint: disable=g-import-not-at-top
+  root = str(tmp_path)
+  fake_finetune(tmp_path / "consistency_sigma0.5", [{"clean": 0.7, "noisy_1.0": 0.8}])
+  fake_finetune(tmp_path / "rrcm_online_x4_sigma0.5", [{"clean": 0.6}, {"clean": 0.65}])
+  (tmp_path / "rrcm_online_x4_sigma0.5" / "test_results.json").unlink()
+  (tmp_path / "consistency_x4_sigma0.5").mkdir()       # started, nothing logged yet
+
+  def row(label):
+    return next(line for line in summary.classifier_section(root, 0.5, "online", [4], "val")
+                if line.startswith(f"| {label}"))
+  assert row("consistency regularization from scratch").endswith("|")
+  assert "in progress" not in row("consistency regularization from scratch")
+  assert row("rRCM, 4× budget").startswith(
+      "| rRCM, 4× budget (in progress; last validated at step 2) | 0.650 / – |")
+  assert row("consistency regularization, 4× budget").startswith(
+      "| consistency regularization, 4× budget (in progress) | – / – |")
