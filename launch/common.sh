@@ -86,19 +86,38 @@ run_resuming() {
 # it (a scheduler's preemption notice reaches the trainer, which checkpoints and exits
 # 75); returns COMMAND's exit status. Sets STOP_REQUESTED=1 when this script was signalled.
 STOP_REQUESTED=0
+FORWARD_CHILD=""     # the running COMMAND's pid, once known
+FORWARD_PENDING=""   # a signal that came before it was known
+FORWARD_SIGNALLED=0   # set by each signal passed on
+forward_signal() {
+  STOP_REQUESTED=1 FORWARD_SIGNALLED=1
+  if [ -n "$FORWARD_CHILD" ]; then
+    kill "-$1" "$FORWARD_CHILD" 2>/dev/null || true
+  else
+    FORWARD_PENDING=$1
+  fi
+}
 run_forwarding() {
   local child status=0
+  FORWARD_CHILD="" FORWARD_PENDING="" FORWARD_SIGNALLED=0
+  # The traps come before the child starts: a signal in between is held, then passed on.
+  trap "forward_signal TERM" TERM
+  trap "forward_signal INT" INT
   "$@" &
   child=$!
-  # shellcheck disable=SC2064  # the child's pid is fixed now
-  trap "STOP_REQUESTED=1; kill -TERM $child 2>/dev/null || true" TERM
-  # shellcheck disable=SC2064
-  trap "STOP_REQUESTED=1; kill -INT $child 2>/dev/null || true" INT
+  FORWARD_CHILD=$child
+  if [ -n "$FORWARD_PENDING" ]; then
+    kill "-$FORWARD_PENDING" "$child" 2>/dev/null || true
+  fi
   wait "$child" || status=$?
-  while kill -0 "$child" 2>/dev/null; do   # a signal ended `wait`, not the child
+  # A trapped signal ends `wait` early with 128 + its number, while the child is still
+  # checkpointing or has just exited: wait again for the child's own status (bash keeps it).
+  while ((status > 128 && FORWARD_SIGNALLED)); do
+    FORWARD_SIGNALLED=0
     status=0
     wait "$child" || status=$?
   done
   trap - TERM INT
+  FORWARD_CHILD=""
   return "$status"
 }
