@@ -5,8 +5,8 @@ Rewritten after every stage from whatever is complete in the root: the two choic
 certified accuracy per σ and arm with one plot per σ (certified_sigma<σ>.png / .csv),
 the classifiers' accuracies, training FLOPs under two accountings of the shared
 trainings, the larger-budget points (done or pending, with their commands, and each beside
-its 1× run: which way the gap moves), the inference cost of each certified arm (`experiments.figure1`: its table and figure1.png),
-and every stage's command and wall time.
+its 1× run: which way the gap moves), the inference cost of each certified arm
+(`experiments.figure1`: its table and figure1.png), and every stage's command and wall time.
 """
 import json
 import os

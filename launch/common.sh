@@ -103,7 +103,9 @@ run_forwarding() {
   # The traps come before the child starts: a signal in between is held, then passed on.
   trap "forward_signal TERM" TERM
   trap "forward_signal INT" INT
-  "$@" &
+  # Without job control bash starts a background command with SIGINT ignored; the child
+  # gets the default back, so a passed-on SIGINT (Ctrl-C) reaches it.
+  (trap - INT; exec "$@") &
   child=$!
   FORWARD_CHILD=$child
   if [ -n "$FORWARD_PENDING" ]; then

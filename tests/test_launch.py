@@ -10,6 +10,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -379,6 +380,21 @@ def test_gpu_passes_sigterm_on_to_the_command(tmp_path):
     proc.terminate()
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 75 and "running it again" not in err   # signalled: no rerun
+
+
+def test_gpu_passes_sigint_on_to_the_command():
+  trainer = ("import signal, sys, time\n"
+             "print('ready', flush=True)\n"
+             "try:\n"
+             "  time.sleep(60)\n"
+             "except KeyboardInterrupt:\n"
+             "  sys.exit(130)\n")
+  proc = subprocess.Popen(["bash", GPU, "--", sys.executable, "-c", trainer],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  assert proc.stdout.readline().strip() == "ready"
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=30)   # a command that ignored it would sleep on
+  assert proc.returncode == 130, err
 
 
 def _fake_slurm(tmp_path):
